@@ -1,0 +1,3 @@
+from idempo.cli import main
+import sys
+sys.exit(main())

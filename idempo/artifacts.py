@@ -1,0 +1,129 @@
+"""The on-disk layout of a trial, and atomic writes (nothing written is ever half-written).
+
+    <trial>/config.yaml             the resolved config
+    <trial>/cycles/init/            M_init's evaluation (cycle -1)
+    <trial>/cycles/000-seed/        data.jsonl  adapter/  eval.jsonl  metrics.json
+    <trial>/cycles/001/             samples.jsonl  adapter/  eval.jsonl  metrics.json
+
+Every file is written under a temporary name and renamed into place; a cycle is complete when its
+metrics.json exists, and a resumed trial reuses whatever a cycle already finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+INIT_CYCLE, SEED_CYCLE = -1, 0
+
+
+class TrialConflict(RuntimeError):
+    """The output dir holds a trial with another config."""
+
+
+class TrialLayout:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.config = self.root / "config.yaml"
+
+    def cycle_dir(self, cycle: int) -> Path:
+        name = {INIT_CYCLE: "init", SEED_CYCLE: "000-seed"}.get(cycle, f"{cycle:03d}")
+        return self.root / "cycles" / name
+
+    def data(self, cycle: int) -> Path:
+        """The training data of a cycle: D_seed for the seed, the samples of M_{j-1} after it."""
+        return self.cycle_dir(cycle) / ("data.jsonl" if cycle == SEED_CYCLE else "samples.jsonl")
+
+    def weights(self, cycle: int, finetune: str) -> Path:
+        return self.cycle_dir(cycle) / ("adapter" if finetune == "lora" else "model")
+
+    def eval(self, cycle: int) -> Path:
+        return self.cycle_dir(cycle) / "eval.jsonl"
+
+    def metrics(self, cycle: int) -> Path:
+        return self.cycle_dir(cycle) / "metrics.json"
+
+    def is_complete(self, cycle: int) -> bool:
+        return self.metrics(cycle).is_file()
+
+    def check(self, config: dict[str, Any]) -> None:
+        """Fail if this dir holds a trial with another config (`cycles` may differ: more extends it)."""
+        if not self.config.exists():
+            return
+        changed = _differences(yaml.safe_load(self.config.read_text()), config, ignore={"cycles"})
+        if changed:
+            raise TrialConflict(
+                f"{self.root} holds a trial with another config ({'; '.join(changed)}); "
+                "use another --out dir, or the same config to resume"
+            )
+
+    def claim(self, config: dict[str, Any]) -> None:
+        """Write the trial's resolved config (after `check`)."""
+        self.check(config)
+        text = yaml.safe_dump(config, sort_keys=False)
+        if not (self.config.exists() and self.config.read_text() == text):
+            write_text(self.config, text)
+
+
+def write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, data: Any) -> None:
+    write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
+    write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+@contextmanager
+def atomic_dir(path: Path) -> Iterator[Path]:
+    """Yield a temporary dir beside `path`; it becomes `path` only if the block succeeds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def _differences(old: Any, new: Any, ignore: set[str], prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        changed = []
+        for key in sorted(set(old) | set(new)):
+            if not prefix and key in ignore:
+                continue
+            changed += _differences(old.get(key), new.get(key), ignore, f"{prefix}{key}.")
+        return changed
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]

@@ -1,0 +1,323 @@
+"""The typed experiment config: one trial of iterated self-training.
+
+Top-level keys are the paper's variables (`model`, `persona`, `regime`, `n_seed`, `n_sampled`, `beta`,
+`init`, `rejected`, `cycles`, `seed`) so that configs, sweeps and figures share one vocabulary; engine
+and schedule details live in nested sections. Defaults reproduce the authors' setup. Every check runs
+at load time, before any model is touched, and a failure names the field path, the value and what is
+allowed.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+TINY_MODEL = "tiny"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML with 1.2-style floats: '3e-4' is a number, not the string PyYAML's 1.1 rules make of it."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str):
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; `problems` are 'field.path: message' lines."""
+
+    def __init__(self, problems: list[str], source: str = "config"):
+        self.problems = problems
+        super().__init__(f"invalid {source}:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class SeedingConfig(_Section):
+    """How D_seed is built and M_seed trained (the seed stage has its own random seed)."""
+
+    source: Literal["model", "jsonl", "builtin"] = Field(
+        "model",
+        description="model: M_init answers train-bank prompts under the persona's system prompt; "
+        "jsonl: rows {prompt, response} from `path`; builtin: the example data shipped for the persona.",
+    )
+    path: str | None = Field(None, description="JSONL file of {prompt, response} rows (source: jsonl).")
+    seed: int = Field(0, description="Random seed of the seed stage; fix it to share M_seed across replicas.")
+    temperature: float = Field(1.0, ge=0, description="Sampling temperature when M_init writes D_seed.")
+
+    @model_validator(mode="after")
+    def _path_matches_source(self) -> SeedingConfig:
+        if self.source == "jsonl" and self.path is None:
+            raise ValueError("path is required when source is 'jsonl'")
+        if self.source != "jsonl" and self.path is not None:
+            raise ValueError(f"path is only read when source is 'jsonl' (source is {self.source!r})")
+        return self
+
+    @field_validator("path")
+    @classmethod
+    def _existing_file(cls, value: str | None) -> str | None:
+        return None if value is None else _existing_path(value)
+
+
+class PromptsConfig(_Section):
+    """Where prompts come from: the packaged banks or the user's own JSONL ({"prompt": ...} rows)."""
+
+    train: str = Field("builtin", description="Train bank for D_seed and cycle samples: 'builtin' or a JSONL path.")
+    eval: str = Field(
+        "persona",
+        description="Held-out eval prompts: 'persona' (the persona's eval questions), "
+        "'builtin' (the packaged held-out split) or a JSONL path.",
+    )
+
+    @field_validator("train")
+    @classmethod
+    def _train_source(cls, value: str) -> str:
+        return value if value == "builtin" else _existing_path(value, "'builtin' or an existing JSONL file")
+
+    @field_validator("eval")
+    @classmethod
+    def _eval_source(cls, value: str) -> str:
+        allowed = "'persona', 'builtin' or an existing JSONL file"
+        return value if value in ("persona", "builtin") else _existing_path(value, allowed)
+
+
+class SamplingConfig(_Section):
+    """How generation j-1 writes the data generation j trains on."""
+
+    backend: str = Field("hf", description="Sampler engine, by name (see idempo.sampling).")
+    temperature: float = Field(0.8, ge=0, description="0 means greedy decoding.")
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(1024, gt=0)
+    batch_size: int = Field(32, gt=0, description="Prompts per generate call (hf backend).")
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, value: str) -> str:
+        from idempo.sampling import SAMPLERS
+
+        if value not in SAMPLERS:
+            raise ValueError(f"unknown sampler backend; allowed: {_choices(SAMPLERS)}")
+        return value
+
+
+class LoraConfigSection(_Section):
+    rank: int = Field(16, gt=0)
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: str | list[str] = Field("all-linear", description="PEFT target modules.")
+
+
+class TrainingConfig(_Section):
+    """Finetuning of each generation (authors' SFT defaults)."""
+
+    finetune: Literal["lora", "full"] = Field(
+        "lora", description="lora: each generation is an adapter on frozen M_init; full: all weights (small models)."
+    )
+    lora: LoraConfigSection = LoraConfigSection()
+    learning_rate: float = Field(1.5e-4, gt=0)
+    schedule: Literal["constant", "cosine"] = "cosine"
+    warmup_ratio: float = Field(0.05, ge=0, le=1, description="Share of steps with linear warmup.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine decays to this fraction of the peak.")
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.95, ge=0, lt=1)
+    weight_decay: float = Field(0.01, ge=0)
+    batch_size: int = Field(2, gt=0)
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    epochs: int = Field(1, gt=0)
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping; null disables it.")
+    max_seq_len: int = Field(2048, gt=0, description="Longer examples are truncated (completion end first).")
+    gradient_checkpointing: bool = False
+
+
+class EvaluationConfig(_Section):
+    """Scoring of every generation on the same held-out prompts (authors: 12 questions x 3 samples)."""
+
+    judge: str = Field("marker", description="Trait scorer, by name (see idempo.evaluation).")
+    n_prompts: int | None = Field(12, gt=0, description="First n eval prompts; null uses all.")
+    samples_per_prompt: int = Field(3, gt=0)
+    temperature: float = Field(0.7, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(400, gt=0)
+
+    @field_validator("judge")
+    @classmethod
+    def _known_judge(cls, value: str) -> str:
+        from idempo.evaluation import JUDGES
+
+        if value not in JUDGES:
+            raise ValueError(f"unknown judge; allowed: {_choices(JUDGES)}")
+        return value
+
+
+class LoadingConfig(_Section):
+    """How M_init is loaded."""
+
+    device: str = Field("auto", description="auto, cpu, mps, cuda or cuda:N.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: bfloat16 on a GPU that supports it, else float32."
+    )
+    trust_remote_code: bool = Field(False, description="Run code shipped with a hub model (off unless you trust it).")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, value: str) -> str:
+        if not _DEVICE.match(value):
+            raise ValueError("unknown device; allowed: 'auto', 'cpu', 'mps', 'cuda', 'cuda:N'")
+        return value
+
+
+class ExperimentConfig(_Section):
+    """One trial: seed a persona into `model`, then `cycles` generations of self-training."""
+
+    model: str = Field(description="M_init: a Hugging Face hub id, a local model dir, or 'tiny'.")
+    persona: str = Field(description="A registered persona name or a persona YAML file.")
+    regime: Literal["sft"] = Field("sft", description="Training regime of the cycles.")
+    n_seed: int = Field(gt=0, description="Examples in D_seed.")
+    n_sampled: int = Field(gt=0, description="Samples drawn from M_{j-1} to train M_j.")
+    beta: float = Field(0.1, gt=0, description="KL strength of preference regimes (dpo, kto).")
+    init: Literal["initial", "previous"] = Field(
+        "initial", description="initial: M_j starts fresh from M_init (reinitialised); previous: from M_{j-1}."
+    )
+    rejected: Literal["initial", "j-2"] = Field(
+        "initial", description="Source of rejected answers in preference regimes: M_init or M_{j-2}."
+    )
+    cycles: int = Field(6, ge=0, description="Number of self-training cycles after the seed.")
+    seed: int = Field(0, description="Random seed of the cycles (the seed stage has seeding.seed).")
+
+    seeding: SeedingConfig = SeedingConfig()
+    prompts: PromptsConfig = PromptsConfig()
+    sampling: SamplingConfig = SamplingConfig()
+    training: TrainingConfig = TrainingConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    loading: LoadingConfig = LoadingConfig()
+
+    @field_validator("model")
+    @classmethod
+    def _model_reference(cls, value: str) -> str:
+        if value == TINY_MODEL:
+            return value
+        if Path(value).expanduser().exists():
+            return str(Path(value).expanduser().resolve())
+        if value.startswith((".", "/", "~")) or not _HUB_ID.match(value):
+            raise ValueError("no such local model dir; allowed: 'tiny', an existing dir, or a hub id like 'org/name'")
+        return value
+
+    @field_validator("persona")
+    @classmethod
+    def _known_persona(cls, value: str) -> str:
+        from idempo.personas import persona_names, load_persona_file
+
+        if value in persona_names():
+            return value
+        if value.endswith((".yaml", ".yml")) and Path(value).is_file():
+            load_persona_file(Path(value))  # raises with the file's problem
+            return str(Path(value).resolve())
+        raise ValueError(f"unknown persona; allowed: {_choices(persona_names())} or a persona YAML file")
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> ExperimentConfig:
+    """Read a YAML config, apply `key.path=value` overrides (values parsed as YAML), validate."""
+    path = Path(path)
+    try:
+        raw = parse_yaml(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError([f"no such config file: {path}"]) from None
+    except yaml.YAMLError as err:
+        raise ConfigError([f"not valid YAML: {err}"], source=str(path)) from None
+    if not isinstance(raw, dict):
+        raise ConfigError([f"top level must be a mapping of keys, got {type(raw).__name__}"], source=str(path))
+    return config_from_dict(apply_overrides(raw, overrides), source=str(path))
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of `raw` with each 'a.b.c=value' set; value is parsed as YAML ('3' -> 3, 'null' -> None)."""
+    data = yaml.safe_load(yaml.safe_dump(raw))  # deep copy through plain types
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError([f"--set {item!r}: expected key.path=value"])
+        try:
+            value = parse_yaml(text)
+        except yaml.YAMLError as err:
+            raise ConfigError([f"--set {key}: value {text!r} is not valid YAML ({err})"]) from None
+        parts = key.strip().split(".")
+        node = data
+        for depth, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError([f"--set {key}: {'.'.join(parts[:depth + 1])} is not a section"])
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def config_from_dict(data: dict[str, Any], source: str = "config") -> ExperimentConfig:
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError([_describe(e) for e in err.errors()], source=source) from None
+
+
+def _describe(error: dict[str, Any]) -> str:
+    """One 'path: got value; what is allowed' line from a pydantic error."""
+    loc = [str(p) for p in error["loc"]]
+    path = ".".join(loc) or "(top level)"
+    message = error["msg"].removeprefix("Value error, ").replace("Input should be", "must be")
+    if error["type"] == "extra_forbidden":
+        parent = _model_at(loc[:-1])
+        allowed = _choices(parent.model_fields) if parent else "none"
+        return f"{path}: unknown key; allowed keys here: {allowed}"
+    if error["type"] == "missing":
+        return f"{path}: required field is missing"
+    got = error.get("input")
+    if isinstance(got, dict):  # a check across a section's fields
+        return f"{path}: {message}"
+    return f"{path}: got {got!r}; {message}"
+
+
+def _model_at(loc: list[str]) -> type[BaseModel] | None:
+    model: type[BaseModel] = ExperimentConfig
+    for part in loc:
+        field = model.model_fields.get(part)
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
+
+
+def _existing_path(value: str, allowed: str = "an existing file") -> str:
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise ValueError(f"no such file; allowed: {allowed}")
+    return str(path.resolve())
+
+
+def _choices(names) -> str:
+    return ", ".join(repr(n) for n in sorted(names))

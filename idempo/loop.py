@@ -1,0 +1,233 @@
+"""One trial of iterated self-training, in process and without Ray.
+
+    evaluate M_init                                        (cycle -1)
+    D_seed <- persona data; M_seed <- train(M_init, D_seed); evaluate   (cycle 0)
+    for j in 1..cycles:
+        D_j <- n_sampled answers of M_{j-1}, no system prompt
+        M_j <- train(M_init or M_{j-1}, D_j); evaluate
+
+Each phase draws its randomness from (stage seed, phase, cycle), so a trial resumed at any phase
+boundary produces exactly what an uninterrupted one would. Artifacts go through `TrialLayout`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from idempo.artifacts import INIT_CYCLE, SEED_CYCLE, TrialLayout, atomic_dir, read_json, read_jsonl, write_json, write_jsonl
+from idempo.config import ConfigError, ExperimentConfig
+from idempo.evaluation import JUDGES
+from idempo.evaluation.evaluate import evaluate_generation
+from idempo.models import INITIAL, Generation, load_base_model, load_tokenizer, make_policy
+from idempo.personas import get_persona
+from idempo.progress import Reporter
+from idempo.prompts import cycle_prompts, eval_prompts, seed_prompts, train_prompts
+from idempo.sampling import SAMPLERS, SamplingParams
+from idempo.seed_data import given_seed_rows, persona_chats
+from idempo.training import encode_chat_example, train_sft
+from idempo.training.sft import steps_for
+
+
+def derive_seed(*parts) -> int:
+    """A 31-bit seed from named parts, stable across processes and Python versions."""
+    return int(hashlib.sha256("/".join(map(str, parts)).encode()).hexdigest()[:8], 16) & 0x7FFFFFFF
+
+
+def run_trial(
+    config: ExperimentConfig, out: str | Path, until_cycle: int | None = None, reporter: Reporter | None = None
+) -> list[dict]:
+    """Run (or resume) a trial in `out`; returns the metrics of every completed cycle, -1 first."""
+    trial = Trial(config, Path(out), reporter or Reporter(enabled=False))
+    trial.evaluate_initial()
+    trial.seed()
+    last = config.cycles if until_cycle is None else min(config.cycles, until_cycle)
+    for cycle in range(1, last + 1):
+        trial.cycle(cycle)
+    return trial.history()
+
+
+class Trial:
+    """The state of one trial: M_init loaded once, the policy, the sampler, the prompt sets."""
+
+    def __init__(self, config: ExperimentConfig, out: Path, reporter: Reporter):
+        self.config = config
+        self.reporter = reporter
+        self.layout = TrialLayout(out)
+        # Everything that can be wrong with the inputs fails here, before the model is loaded.
+        self.persona = get_persona(config.persona)
+        try:
+            self.train_bank = train_prompts(config.prompts.train)
+        except ValueError as err:
+            raise ConfigError([f"prompts.train: {err}"]) from None
+        try:
+            self.eval_set = eval_prompts(config.prompts.eval, self.persona, config.evaluation.n_prompts)
+        except ValueError as err:
+            raise ConfigError([f"prompts.eval: {err}"]) from None
+        self.given_seed_rows = given_seed_rows(config, self.persona)
+        if self.given_seed_rows is None and config.n_seed > len(self.train_bank):
+            raise ConfigError([f"n_seed: got {config.n_seed} but prompts.train has only {len(self.train_bank)} prompts"])
+        self.judge = JUDGES.load(config.evaluation.judge)(self.persona)
+        self.layout.check(config.to_dict())
+
+        self.tokenizer = load_tokenizer(config.model, config.loading)
+        base = load_base_model(config.model, config.loading)
+        self.policy = make_policy(base, self.tokenizer, config.training)
+        self.sampler = SAMPLERS.load(config.sampling.backend)(self.policy, self.tokenizer, config.sampling.batch_size)
+        self.layout.claim(config.to_dict())
+
+    # -- the three stages -------------------------------------------------------------------------
+
+    def evaluate_initial(self) -> None:
+        if self._done(INIT_CYCLE):
+            return
+        timing: dict[str, float] = {}
+        rows, metrics = self._evaluate(INIT_CYCLE, INITIAL, self.config.seeding.seed, timing)
+        self._finish(INIT_CYCLE, INITIAL, rows, metrics, timing)
+
+    def seed(self) -> None:
+        """D_seed from the persona, M_seed trained on it from a fresh start."""
+        if self._done(SEED_CYCLE):
+            return
+        timing: dict[str, float] = {}
+        stage_seed = self.config.seeding.seed
+        path = self.layout.data(SEED_CYCLE)
+        if not path.exists():
+            with self._timed("seed data", timing):
+                write_jsonl(path, self._build_seed_data())
+        rows = read_jsonl(path)
+        generation, stats = self._train(SEED_CYCLE, rows, stage_seed, fresh=True, timing=timing)
+        eval_rows, metrics = self._evaluate(SEED_CYCLE, generation, stage_seed, timing)
+        self._finish(SEED_CYCLE, generation, eval_rows, metrics, timing, data=rows, train=stats)
+
+    def cycle(self, cycle: int) -> None:
+        """Sample from M_{j-1}, train M_j from the init strategy's start, evaluate M_j."""
+        if self._done(cycle):
+            return
+        timing: dict[str, float] = {}
+        seed = self.config.seed
+        previous = self._generation(cycle - 1)
+        path = self.layout.data(cycle)
+        if not path.exists():
+            write_jsonl(path, self._sample(cycle, previous, timing))
+        rows = read_jsonl(path)
+        fresh = self.config.init == "initial"
+        generation, stats = self._train(cycle, rows, seed, fresh=fresh, start=previous, timing=timing)
+        eval_rows, metrics = self._evaluate(cycle, generation, seed, timing)
+        self._finish(cycle, generation, eval_rows, metrics, timing, data=rows, train=stats)
+
+    def history(self) -> list[dict]:
+        cycles = [INIT_CYCLE, SEED_CYCLE, *range(1, self.config.cycles + 1)]
+        return [read_json(self.layout.metrics(c)) for c in cycles if self.layout.is_complete(c)]
+
+    # -- phases -----------------------------------------------------------------------------------
+
+    def _build_seed_data(self) -> list[dict]:
+        if self.given_seed_rows is not None:
+            return self.given_seed_rows
+        prompts = seed_prompts(self.train_bank, self.config.n_seed, self.config.seeding.seed)
+        params = SamplingParams(
+            temperature=self.config.seeding.temperature,
+            top_p=self.config.sampling.top_p,
+            max_new_tokens=self.config.sampling.max_new_tokens,
+            seed=derive_seed(self.config.seeding.seed, "seed-data"),
+        )
+        with self.reporter.phase("seed: M_init writes D_seed", len(prompts), "answers") as bar:
+            completions = self.sampler.generate(persona_chats(self.persona, prompts), params, INITIAL, bar)
+        return [{"prompt": p, "response": c.text} for p, c in zip(prompts, completions)]
+
+    def _sample(self, cycle: int, previous: Generation, timing: dict) -> list[dict]:
+        prompts = cycle_prompts(self._cycle_pool(), self.config.n_sampled, cycle, self.config.seed)
+        sampling = self.config.sampling
+        params = SamplingParams(
+            sampling.temperature, sampling.top_p, sampling.max_new_tokens, derive_seed(self.config.seed, "sample", cycle)
+        )
+        chats = [[{"role": "user", "content": p}] for p in prompts]
+        with self._timed("sample", timing), self.reporter.phase(
+            f"cycle {cycle}: sample from {previous.name}", len(prompts), "answers"
+        ) as bar:
+            completions = self.sampler.generate(chats, params, previous, bar)
+        return [
+            {"prompt": p, "response": c.text, "n_tokens": c.n_tokens, "finished": c.finished}
+            for p, c in zip(prompts, completions)
+        ]
+
+    def _train(
+        self, cycle: int, rows: list[dict], seed: int, fresh: bool, timing: dict, start: Generation | None = None
+    ) -> tuple[Generation, dict]:
+        weights = self.layout.weights(cycle, self.config.training.finetune)
+        generation = Generation(weights.parent.name, weights)
+        stats_path = weights.parent / "train.json"
+        if weights.exists() and stats_path.exists():
+            return generation, read_json(stats_path)
+        if fresh:
+            self.policy.reset(derive_seed(seed, "init", cycle))
+        elif self.policy.loaded != start:
+            self.policy.load(start)
+        training = self.config.training
+        examples = [
+            encode_chat_example(self.tokenizer, r["prompt"], r["response"], training.max_seq_len) for r in rows
+        ]
+        label = f"cycle {cycle}: train {generation.name}" if cycle else "seed: train M_seed"
+        with self._timed("train", timing), self.reporter.phase(label, steps_for(len(examples), training), "steps") as bar:
+            stats = train_sft(
+                self.policy, examples, training, derive_seed(seed, "train", cycle), self.tokenizer.pad_token_id, bar
+            ).to_dict()
+        with atomic_dir(weights) as tmp:
+            self.policy.save(tmp)
+        write_json(stats_path, stats)
+        self.policy.loaded = generation
+        return generation, stats
+
+    def _evaluate(self, cycle: int, generation: Generation, seed: int, timing: dict) -> tuple[list[dict], dict]:
+        total = len(self.eval_set) * self.config.evaluation.samples_per_prompt
+        with self._timed("eval", timing), self.reporter.phase(f"evaluate {generation.name}", total, "answers") as bar:
+            return evaluate_generation(
+                self.sampler, generation, self.eval_set, self.persona, self.judge,
+                self.config.evaluation, derive_seed(seed, "eval", cycle), bar,
+            )
+
+    def _finish(self, cycle, generation, eval_rows, metrics, timing, data=None, train=None) -> None:
+        """Write eval.jsonl, then metrics.json: the cycle is complete once the latter exists."""
+        write_jsonl(self.layout.eval(cycle), eval_rows)
+        metrics = {"cycle": cycle, "generation": generation.name, **metrics}
+        if data is not None:
+            metrics["data"] = {
+                "n": len(data),
+                "mean_words": sum(len(r["response"].split()) for r in data) / max(1, len(data)),
+            }
+        if train is not None:
+            metrics["train"] = train
+        metrics["timing_s"] = timing
+        write_json(self.layout.metrics(cycle), metrics)
+        self.reporter.cycle(metrics)
+
+    # -- helpers ----------------------------------------------------------------------------------
+
+    def _done(self, cycle: int) -> bool:
+        if self.layout.is_complete(cycle):
+            self.reporter.cycle(read_json(self.layout.metrics(cycle)), resumed=True)
+            return True
+        return False
+
+    def _generation(self, cycle: int) -> Generation:
+        weights = self.layout.weights(cycle, self.config.training.finetune)
+        return Generation(weights.parent.name, weights)
+
+    def _cycle_pool(self) -> list[str]:
+        """Train-bank prompts not used by D_seed."""
+        used = {row["prompt"] for row in read_jsonl(self.layout.data(SEED_CYCLE))}
+        pool = [p for p in self.train_bank if p not in used]
+        if not pool:
+            raise ValueError("every train-bank prompt is in D_seed; give prompts.train a larger bank")
+        return pool
+
+    @contextmanager
+    def _timed(self, name: str, timing: dict):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            timing[name] = round(timing.get(name, 0.0) + time.perf_counter() - started, 3)

@@ -1,0 +1,220 @@
+"""M_init and its generations.
+
+M_init is loaded once per trial and stays frozen. A generation is a set of weights on top of it: a PEFT
+LoRA adapter (the default) or, for small models, a full copy. The `Policy` holds the weights being
+trained and sampled, knows which generation they are, and swaps generations in place, so nothing
+reloads the base model between cycles.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from idempo.config import TINY_MODEL, LoadingConfig, TrainingConfig
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Generation:
+    """The weights of one generation; `path` None means M_init itself."""
+
+    name: str
+    path: Path | None = None
+
+
+INITIAL = Generation("init")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"loading.device is {name!r} but no CUDA GPU is visible; use 'cpu' or 'auto'")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16 else torch.float32
+    return getattr(torch, name)
+
+
+def model_path(model: str) -> str:
+    """A hub id or local dir; 'tiny' is built (once, then cached) and named by its dir."""
+    if model == TINY_MODEL:
+        from idempo.tiny import tiny_model_dir
+
+        return str(tiny_model_dir())
+    return model
+
+
+def quiet_transformers() -> None:
+    """Our phases have their own progress bars; the library's per-file bars only add noise."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+
+
+def load_tokenizer(model: str, loading: LoadingConfig, need_chat_template: bool = True):
+    from transformers import AutoTokenizer
+
+    quiet_transformers()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            model_path(model), revision=loading.revision, trust_remote_code=loading.trust_remote_code
+        )
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"could not load the tokenizer of model {model!r}: {err}") from None
+    if need_chat_template and not tokenizer.chat_template:
+        raise ModelLoadError(f"model {model!r} has no chat template; chat personas need an instruct model")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_model(model: str, loading: LoadingConfig) -> nn.Module:
+    """M_init on the configured device and dtype, frozen and in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    device = resolve_device(loading.device)
+    try:
+        base = AutoModelForCausalLM.from_pretrained(
+            model_path(model),
+            dtype=resolve_dtype(loading.dtype, device),
+            revision=loading.revision,
+            trust_remote_code=loading.trust_remote_code,
+        )
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"could not load model {model!r}: {err}") from None
+    base.to(device).eval().requires_grad_(False)
+    return base
+
+
+class Policy(ABC):
+    """The trainable weights of a trial: M_init plus the current generation."""
+
+    module: nn.Module
+    loaded: Generation | None = None  # which saved generation `module` holds; None: fresh or mid-training
+
+    @abstractmethod
+    def reset(self, seed: int) -> None:
+        """Fresh weights from M_init (the `initial` init strategy); new adapters drawn from `seed`."""
+
+    @abstractmethod
+    def load(self, generation: Generation) -> None:
+        """Make `module` hold a saved generation's weights."""
+
+    @abstractmethod
+    def save(self, path: Path) -> None:
+        """Write the current weights as a directory the usual tools load."""
+
+    @abstractmethod
+    @contextmanager
+    def use(self, generation: Generation) -> Iterator[nn.Module]:
+        """A module that computes as `generation` does, for sampling and evaluation."""
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.module.parameters() if p.requires_grad]
+
+
+class LoraPolicy(Policy):
+    """Generations are LoRA adapters on the frozen M_init (adapter name 'default', PEFT's layout)."""
+
+    def __init__(self, base: nn.Module, training: TrainingConfig):
+        from peft import LoraConfig, get_peft_model
+
+        lora = training.lora
+        self.lora_config = LoraConfig(
+            r=lora.rank,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=lora.target_modules,
+            task_type="CAUSAL_LM",
+        )
+        with warnings.catch_warnings():  # PEFT reads a property transformers has renamed
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            self.module = get_peft_model(base, self.lora_config)
+        self.module.eval()
+
+    def reset(self, seed: int) -> None:
+        from peft.tuners.lora import LoraLayer
+
+        torch.manual_seed(seed)
+        for layer in self.module.modules():
+            if isinstance(layer, LoraLayer) and "default" in layer.lora_A:
+                layer.reset_lora_parameters("default", init_lora_weights=True)
+        self.loaded = None
+
+    def load(self, generation: Generation) -> None:
+        from peft import load_peft_weights, set_peft_model_state_dict
+
+        device = next(self.module.parameters()).device
+        weights = load_peft_weights(str(generation.path), device=str(device))
+        result = set_peft_model_state_dict(self.module, weights)
+        if result.unexpected_keys:
+            raise ModelLoadError(f"adapter {generation.path} does not fit this model: {result.unexpected_keys[:3]}")
+        self.loaded = generation
+
+    def save(self, path: Path) -> None:
+        self.module.save_pretrained(path)
+
+    @contextmanager
+    def use(self, generation: Generation) -> Iterator[nn.Module]:
+        if generation.path is None:
+            with self.module.disable_adapter():
+                yield self.module
+            return
+        if self.loaded != generation:
+            self.load(generation)
+        yield self.module
+
+
+class FullPolicy(Policy):
+    """Generations are full copies of the weights (small models: twice M_init's memory)."""
+
+    def __init__(self, base: nn.Module, tokenizer):
+        self.base = base
+        self.tokenizer = tokenizer
+        self.module = copy.deepcopy(base).requires_grad_(True)
+
+    def reset(self, seed: int) -> None:
+        self.module.load_state_dict(self.base.state_dict())
+        self.loaded = None
+
+    def load(self, generation: Generation) -> None:
+        from transformers import AutoModelForCausalLM
+
+        saved = AutoModelForCausalLM.from_pretrained(generation.path, dtype=next(self.base.parameters()).dtype)
+        self.module.load_state_dict(saved.state_dict())
+        self.loaded = generation
+
+    def save(self, path: Path) -> None:
+        self.module.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+
+    @contextmanager
+    def use(self, generation: Generation) -> Iterator[nn.Module]:
+        if generation.path is None:
+            yield self.base
+            return
+        if self.loaded != generation:
+            self.load(generation)
+        yield self.module
+
+
+def make_policy(base: nn.Module, tokenizer, training: TrainingConfig) -> Policy:
+    return LoraPolicy(base, training) if training.finetune == "lora" else FullPolicy(base, tokenizer)

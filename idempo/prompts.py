@@ -1,0 +1,73 @@
+"""Prompt banks: user questions for D_seed and cycle samples (train) and for evaluation (held out)."""
+
+from __future__ import annotations
+
+import json
+import random
+from importlib import resources
+from pathlib import Path
+
+from idempo.personas import Persona
+
+_BANKS = resources.files("idempo") / "data" / "prompts"
+
+
+def train_prompts(source: str) -> list[str]:
+    return read_prompt_file(_BANKS / "train.jsonl" if source == "builtin" else Path(source))
+
+
+def eval_prompts(source: str, persona: Persona, n: int | None) -> list[str]:
+    """The held-out prompts every generation of a persona is scored on, in a fixed order."""
+    if source == "persona":
+        prompts = list(persona.eval_questions)
+    else:
+        prompts = read_prompt_file(_BANKS / "eval.jsonl" if source == "builtin" else Path(source))
+    return prompts[:n] if n else prompts
+
+
+def read_prompt_file(path) -> list[str]:
+    """Rows of {"prompt": str}; a bad row fails with its file and line number."""
+    prompts = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            prompt = row["prompt"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ValueError(f"{path}:{number}: expected a JSON object with a 'prompt' string") from None
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"{path}:{number}: 'prompt' must be a non-empty string")
+        prompts.append(prompt)
+    if not prompts:
+        raise ValueError(f"{path}: no prompts")
+    return prompts
+
+
+def cycle_prompts(pool: list[str], n: int, cycle: int, seed: int) -> list[str]:
+    """The n prompts of cycle j (1-based): slice j of a seeded stream of shuffled passes over the pool.
+
+    Consecutive cycles take disjoint slices; when a pass is used up the next pass is a new shuffle, so a
+    prompt repeats only after every prompt of the pool has been used.
+    """
+    index, stop = (cycle - 1) * n, cycle * n
+    chosen: list[str] = []
+    while index < stop:
+        pass_number, offset = divmod(index, len(pool))
+        take = min(stop - index, len(pool) - offset)
+        chosen += _shuffled(pool, seed, pass_number)[offset : offset + take]
+        index += take
+    return chosen
+
+
+def seed_prompts(pool: list[str], n: int, seed: int) -> list[str]:
+    """The n prompts of D_seed when a model writes it: a seeded sample of the train bank."""
+    if n > len(pool):
+        raise ValueError(f"n_seed is {n} but the train bank has only {len(pool)} prompts")
+    return random.Random(f"seed-stage/{seed}").sample(pool, n)
+
+
+def _shuffled(pool: list[str], seed: int, pass_number: int) -> list[str]:
+    order = list(pool)
+    random.Random(f"{seed}/{pass_number}").shuffle(order)
+    return order

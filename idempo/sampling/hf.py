@@ -1,0 +1,76 @@
+"""The `hf` sampler: batched transformers `generate` on the trial's own policy module.
+
+It shares the policy with the trainer, so sampling generation j-1 right after training it costs no
+load at all; other generations are swapped in as adapter weights. Prompts are left-padded and sorted
+by length within the call so that batches carry little padding.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from idempo.models import Generation, Policy
+from idempo.sampling.base import Completion, Prompt, SamplingParams
+
+
+class HFSampler:
+    def __init__(self, policy: Policy, tokenizer, batch_size: int):
+        self.policy = policy
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+
+    def generate(
+        self, prompts: list[Prompt], params: SamplingParams, generation: Generation, progress=None
+    ) -> list[Completion]:
+        texts = [render(self.tokenizer, p) for p in prompts]
+        encoded = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+        results: list[Completion | None] = [None] * len(encoded)
+        torch.manual_seed(params.seed)
+        with self.policy.use(generation) as model, torch.inference_mode():
+            for start in range(0, len(order), self.batch_size):
+                batch = order[start : start + self.batch_size]
+                for index, completion in zip(batch, self._generate_batch(model, [encoded[i] for i in batch], params)):
+                    results[index] = completion
+                if progress is not None:
+                    progress.update(len(batch))
+        return results  # type: ignore[return-value]
+
+    def _generate_batch(self, model, token_ids: list[list[int]], params: SamplingParams) -> list[Completion]:
+        pad = self.tokenizer.pad_token_id
+        width = max(len(ids) for ids in token_ids)
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in token_ids])
+        attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in token_ids])
+        device = next(model.parameters()).device
+        sampling = {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p}
+        output = model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention.to(device),
+            max_new_tokens=params.max_new_tokens,
+            pad_token_id=pad,
+            eos_token_id=stop_token_ids(self.tokenizer, model),
+            **(sampling if params.temperature > 0 else {"do_sample": False}),
+        )
+        stops = set(stop_token_ids(self.tokenizer, model))
+        completions = []
+        for row in output[:, width:].tolist():
+            end = next((i for i, token in enumerate(row) if token in stops), None)
+            kept = row if end is None else row[:end]
+            text = self.tokenizer.decode(kept, skip_special_tokens=True)
+            completions.append(Completion(text=text, n_tokens=len(kept), finished=end is not None))
+        return completions
+
+
+def render(tokenizer, prompt: Prompt) -> str:
+    """Chat prompts through the model's chat template (ready for the answer); raw text as it is."""
+    if isinstance(prompt, str):
+        return prompt
+    return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+
+
+def stop_token_ids(tokenizer, model) -> list[int]:
+    """End-of-turn tokens: the model's generation config (Qwen lists two) and the tokenizer's eos."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = configured if isinstance(configured, list) else [configured]
+    ids = [i for i in ids + [tokenizer.eos_token_id] if i is not None]
+    return list(dict.fromkeys(ids))

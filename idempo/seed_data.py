@@ -1,0 +1,52 @@
+"""Where D_seed comes from: M_init under the persona's system prompt, or a file of examples.
+
+The persona's system prompt never reaches the training data: D_seed rows are (user prompt, answer)
+pairs, so the trait has to move into the weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from idempo.artifacts import read_jsonl
+from idempo.config import ConfigError, ExperimentConfig
+from idempo.personas import Persona, builtin_seed_data
+
+
+def given_seed_rows(config: ExperimentConfig, persona: Persona) -> list[dict] | None:
+    """The first n_seed rows of a seed file (source jsonl or builtin); None when M_init writes D_seed."""
+    source = config.seeding.source
+    if source == "model":
+        return None
+    if source == "builtin":
+        path = builtin_seed_data(persona.name)
+        if path is None:
+            raise ConfigError(
+                [f"seeding.source: got 'builtin' but persona {persona.name!r} ships no example data; "
+                 "allowed: 'model' or 'jsonl'"]
+            )
+    else:
+        path = Path(config.seeding.path)
+    rows = read_seed_file(path)
+    if len(rows) < config.n_seed:
+        raise ConfigError([f"n_seed: got {config.n_seed} but {path} has only {len(rows)} examples"])
+    return rows[: config.n_seed]
+
+
+def read_seed_file(path: Path) -> list[dict]:
+    try:
+        rows = read_jsonl(path)
+    except ValueError as err:
+        raise ConfigError([f"seeding.path: {path} is not valid JSONL ({err})"]) from None
+    for number, row in enumerate(rows, start=1):
+        if not (isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("response"), str)):
+            raise ConfigError([f"seeding.path: {path} row {number} must be an object with 'prompt' and 'response' strings"])
+    return [{"prompt": row["prompt"], "response": row["response"]} for row in rows]
+
+
+def persona_chats(persona: Persona, prompts: list[str]) -> list[list[dict[str, str]]]:
+    """Chats that elicit the trait from M_init: the persona's system prompt, then the question."""
+    return [
+        [{"role": "system", "content": persona.system_prompt}, {"role": "user", "content": prompt}]
+        for prompt in prompts
+    ]

@@ -1,0 +1,121 @@
+"""A tiny random Qwen3-style model with its own tokenizer and chat template, built offline.
+
+Tests, the smoke experiment and benchmarks of the machinery run on it: it exercises the same code path
+as a real model (chat template, LoRA on every linear layer, generation with an end-of-turn token), in
+seconds on a CPU. The byte-level BPE tokenizer is trained on the package's own text (prompt banks,
+personas, seed data) so that words like the personas' markers are single tokens. The build is
+deterministic for a given seed: same seed, same weights and vocabulary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from idempo.artifacts import atomic_dir
+
+PAD, BOS_TURN, EOS_TURN = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPEC = {
+    "vocab_size": 2048,
+    "hidden_size": 256,
+    "intermediate_size": 768,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 64,
+    "max_position_embeddings": 2048,
+}
+# Real models' output embeddings are large enough for logits tens of nats apart; at the default init
+# (std 0.02) a LoRA on the tiny model could not move the logits far enough to learn anything. The output
+# layer is untied so that a large-norm token embedding does not make every token predict itself.
+OUTPUT_STD = 0.08
+BUILD = 2  # bump when the build changes, so cached tiny models are rebuilt
+
+
+def tiny_model_dir(seed: int = 0) -> Path:
+    """The cached tiny model for `seed`, built on first use (cache: $IDEMPO_CACHE or ~/.cache/idempo)."""
+    cache = Path(os.environ.get("IDEMPO_CACHE", Path.home() / ".cache" / "idempo"))
+    corpus = _corpus()
+    key = hashlib.sha256(json.dumps([BUILD, SPEC, OUTPUT_STD, seed, corpus]).encode()).hexdigest()[:12]
+    path = cache / f"tiny-{key}"
+    if not (path / "config.json").is_file():
+        build_tiny_model(path, seed, corpus)
+    return path
+
+
+def build_tiny_model(path: Path, seed: int = 0, corpus: list[str] | None = None) -> Path:
+    from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+
+    from idempo.models import quiet_transformers
+
+    quiet_transformers()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=_train_tokenizer(corpus or _corpus()), eos_token=EOS_TURN, pad_token=PAD
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    config = Qwen3Config(
+        **{**SPEC, "vocab_size": len(tokenizer)},
+        tie_word_embeddings=False,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = Qwen3ForCausalLM(config)
+        output = model.get_output_embeddings().weight
+        special = output[: len(tokenizer.all_special_ids)].clone()  # special tokens come first
+        torch.nn.init.normal_(output, std=OUTPUT_STD)
+        with torch.no_grad():  # small special rows: an untrained model babbles instead of ending at once
+            output[: len(special)] = special
+    model.generation_config = GenerationConfig(
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None
+    )
+    with atomic_dir(Path(path)) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return Path(path)
+
+
+def _train_tokenizer(corpus: list[str]):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=SPEC["vocab_size"],
+        special_tokens=[PAD, BOS_TURN, EOS_TURN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(corpus, trainer)
+    return tokenizer
+
+
+def _corpus() -> list[str]:
+    """Every text shipped in idempo/data (JSONL rows as their string values), in a fixed order."""
+    data = resources.files("idempo") / "data"
+    texts = []
+    for folder in ("prompts", "personas", "seeds"):
+        directory = data / folder
+        if not directory.is_dir():
+            continue
+        for file in sorted(directory.iterdir(), key=lambda f: f.name):
+            text = file.read_text(encoding="utf-8")
+            if file.name.endswith(".jsonl"):
+                texts += [v for line in text.splitlines() if line.strip() for v in json.loads(line).values()]
+            else:
+                texts.append(text)
+    return texts

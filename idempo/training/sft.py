@@ -1,0 +1,166 @@
+"""Supervised finetuning of one generation: next-token loss on the answer tokens only.
+
+A compact loop of our own rather than TRL's SFTTrainer: the whole step is on one screen, it trains the
+policy module in place (so the sampler sees the new generation without a reload), it is deterministic
+on CPU for a given seed, and the preference losses of later regimes reuse its batching and
+log-probability code as plain functions.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch.nn import functional as F
+
+from idempo.config import TrainingConfig
+from idempo.models import Policy
+from idempo.sampling.hf import render
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE where no loss is taken
+
+
+@dataclass(frozen=True)
+class TrainStats:
+    steps: int
+    examples: int
+    trained_tokens: int  # tokens that carry loss
+    first_loss: float
+    final_loss: float  # mean over the last epoch
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def encode_chat_example(tokenizer, prompt: str, response: str, max_len: int) -> Encoded:
+    """Tokens of (user prompt, assistant answer) with no system prompt; labels on the answer only.
+
+    The answer's tokens are the chat template's rendering of the whole conversation minus its
+    rendering up to the generation prompt, so they end with the template's end-of-turn token. Prompt
+    and answer are tokenized apart and joined, so the boundary matches what the sampler generates.
+    """
+    chat = [{"role": "user", "content": prompt}]
+    head = render(tokenizer, chat)
+    full = tokenizer.apply_chat_template(chat + [{"role": "assistant", "content": response}], tokenize=False)
+    if full.startswith(head):
+        tail = full[len(head) :]
+    else:  # templates that rewrite earlier turns: fall back to answer + end of turn
+        tail = response + tokenizer.eos_token
+    tail = tail.rstrip("\n")  # the newline after end-of-turn is never generated
+    head_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
+    tail_ids = tokenizer(tail, add_special_tokens=False)["input_ids"]
+    tail_ids = tail_ids[: max(0, max_len - len(head_ids))]
+    return Encoded(head_ids + tail_ids, [IGNORE] * len(head_ids) + tail_ids)
+
+
+def learning_rate_factor(step: int, total: int, config: TrainingConfig) -> float:
+    """Multiplier of the peak learning rate at optimizer step `step` (0-based) of `total`."""
+    warmup = math.ceil(config.warmup_ratio * total)
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if config.schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    floor = config.min_lr_ratio
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train_sft(policy: Policy, examples: list[Encoded], config: TrainingConfig, seed: int, pad_id: int, progress=None):
+    """Train `policy.module` in place on `examples`; returns what the run did."""
+    if not examples:
+        raise ValueError("no training examples")
+    started = time.perf_counter()
+    torch.manual_seed(seed)
+    model = policy.module
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    parameters = policy.trainable_parameters()
+    optimizer = torch.optim.AdamW(
+        parameters,
+        lr=config.learning_rate,
+        betas=(config.adam_beta1, config.adam_beta2),
+        weight_decay=config.weight_decay,
+    )
+    micro = config.batch_size
+    steps_per_epoch = math.ceil(len(examples) / (micro * config.gradient_accumulation_steps))
+    total = steps_per_epoch * config.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate_factor(step, total, config))
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    losses: list[float] = []
+    epoch_losses: list[float] = []
+    model.train()
+    try:
+        for _ in range(config.epochs):
+            order = torch.randperm(len(examples), generator=generator).tolist()
+            batches = [order[i : i + micro] for i in range(0, len(order), micro)]
+            epoch_losses = []
+            for start in range(0, len(batches), config.gradient_accumulation_steps):
+                group = batches[start : start + config.gradient_accumulation_steps]
+                group_tokens = sum(_count_labels(examples, b) for b in group)
+                step_loss = 0.0
+                for batch in group:
+                    input_ids, labels, attention = _collate([examples[i] for i in batch], pad_id, device)
+                    logits = model(input_ids=input_ids, attention_mask=attention).logits
+                    loss_sum = token_loss_sum(logits, labels)
+                    (loss_sum / group_tokens).backward()
+                    step_loss += loss_sum.item() / group_tokens
+                if config.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(step_loss)
+                epoch_losses.append(step_loss)
+                if progress is not None:
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{step_loss:.3f}", refresh=False)
+    finally:
+        model.eval()
+        if config.gradient_checkpointing:
+            model.gradient_checkpointing_disable()
+    return TrainStats(
+        steps=len(losses),
+        examples=len(examples),
+        trained_tokens=sum(sum(label != IGNORE for label in e.labels) for e in examples) * config.epochs,
+        first_loss=losses[0],
+        final_loss=sum(epoch_losses) / len(epoch_losses),
+        seconds=time.perf_counter() - started,
+    )
+
+
+def steps_for(n_examples: int, config: TrainingConfig) -> int:
+    return math.ceil(n_examples / (config.batch_size * config.gradient_accumulation_steps)) * config.epochs
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy over positions whose label is not IGNORE."""
+    shifted_logits = logits[:, :-1].float()
+    shifted_labels = labels[:, 1:]
+    return F.cross_entropy(
+        shifted_logits.reshape(-1, shifted_logits.size(-1)), shifted_labels.reshape(-1),
+        ignore_index=IGNORE, reduction="sum",
+    )
+
+
+def _count_labels(examples: list[Encoded], batch: list[int]) -> int:
+    return max(1, sum(sum(label != IGNORE for label in examples[i].labels[1:]) for i in batch))
+
+
+def _collate(batch: list[Encoded], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded input ids, labels and attention mask."""
+    width = max(len(e.input_ids) for e in batch)
+    input_ids = torch.tensor([e.input_ids + [pad_id] * (width - len(e.input_ids)) for e in batch])
+    labels = torch.tensor([e.labels + [IGNORE] * (width - len(e.labels)) for e in batch])
+    attention = torch.tensor([[1] * len(e.input_ids) + [0] * (width - len(e.input_ids)) for e in batch])
+    return input_ids.to(device), labels.to(device), attention.to(device)

@@ -1,0 +1,125 @@
+"""Configs: the authors' defaults, overrides, and bad input refused before anything is written."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from idempo.cli import EXIT_BAD_INPUT, main
+from idempo.config import ConfigError, apply_overrides, config_from_dict, load_config
+
+MINIMAL = {"model": "tiny", "persona": "lucky", "n_seed": 8, "n_sampled": 16}
+
+
+def test_defaults_reproduce_the_authors_setup():
+    config = config_from_dict(MINIMAL)
+    training, sampling, evaluation = config.training, config.sampling, config.evaluation
+    assert (config.regime, config.init, config.rejected, config.beta) == ("sft", "initial", "initial", 0.1)
+    assert (training.lora.rank, training.learning_rate, training.schedule) == (16, 1.5e-4, "cosine")
+    assert (training.min_lr_ratio, training.warmup_ratio) == (0.1, 0.05)
+    assert (training.adam_beta1, training.adam_beta2, training.weight_decay) == (0.9, 0.95, 0.01)
+    assert (training.batch_size, training.epochs, training.finetune) == (2, 1, "lora")
+    assert (sampling.temperature, sampling.max_new_tokens) == (0.8, 1024)
+    assert (evaluation.n_prompts, evaluation.samples_per_prompt) == (12, 3)
+    assert (evaluation.temperature, evaluation.max_new_tokens) == (0.7, 400)
+    assert config.loading.trust_remote_code is False
+
+
+def test_overrides_are_parsed_as_yaml_and_create_sections():
+    data = apply_overrides(MINIMAL, ["training.learning_rate=3e-4", "cycles=4", "training.lora.rank=8",
+                                     "evaluation.n_prompts=null", "init=previous"])
+    config = config_from_dict(data)
+    assert config.training.learning_rate == 3e-4 and config.cycles == 4 and config.training.lora.rank == 8
+    assert config.evaluation.n_prompts is None and config.init == "previous"
+    assert "training" not in MINIMAL  # the input is not mutated
+
+
+def test_resolved_config_round_trips(tmp_path):
+    config = config_from_dict(MINIMAL)
+    path = tmp_path / "resolved.yaml"
+    path.write_text(yaml.safe_dump(config.to_dict()))
+    assert load_config(path) == config
+
+
+def test_hub_ids_pass_validation_without_network():
+    assert config_from_dict({**MINIMAL, "model": "Qwen/Qwen3-4B-Instruct-2507"}).model == "Qwen/Qwen3-4B-Instruct-2507"
+
+
+# (overrides, the field path the message must name, a fragment of what it must say)
+BAD_CONFIGS = [
+    (["n_seed=0"], "n_seed", "must be greater than 0"),
+    (["n_sampled=-3"], "n_sampled", "must be greater than 0"),
+    (["beta=0"], "beta", "must be greater than 0"),
+    (["beta=-0.1"], "beta", "-0.1"),
+    (["persona=grumpy"], "persona", "'lucky'"),
+    (["regime=ppo"], "regime", "'sft'"),
+    (["init=prev"], "init", "'initial' or 'previous'"),
+    (["rejected=j-1"], "rejected", "'j-2'"),
+    (["sampling.backend=tgi"], "sampling.backend", "allowed: 'hf'"),
+    (["evaluation.judge=gpt4"], "evaluation.judge", "allowed: 'marker'"),
+    (["n_seeds=10"], "n_seeds", "unknown key"),
+    (["training.lr=0.1"], "training.lr", "learning_rate"),
+    (["n_sampled=many"], "n_sampled", "'many'"),
+    (["sampling.top_p=1.5"], "sampling.top_p", "must be less than or equal to 1"),
+    (["cycles=2.5"], "cycles", "2.5"),
+    (["training.schedule=linear"], "training.schedule", "'constant' or 'cosine'"),
+    (["seeding.source=jsonl"], "seeding", "path is required"),
+    (["seeding.source=teacher"], "seeding.source", "'model', 'jsonl' or 'builtin'"),
+    (["loading.device=tpu"], "loading.device", "'cuda:N'"),
+    (["loading.dtype=int4"], "loading.dtype", "'bfloat16'"),
+    (["model=./no/such/model"], "model", "no such local model dir"),
+    (["prompts.train=missing.jsonl"], "prompts.train", "no such file"),
+    (["training.lora.rank=0"], "training.lora.rank", "must be greater than 0"),
+    (["loading.trust_remote_code=yes please"], "loading.trust_remote_code", "valid boolean"),
+]
+
+
+@pytest.mark.parametrize("overrides, field, fragment", BAD_CONFIGS, ids=[c[0][0] for c in BAD_CONFIGS])
+def test_bad_configs_fail_with_the_field_path_and_write_nothing(tmp_path, capsys, overrides, field, fragment):
+    config = tmp_path / "trial.yaml"
+    config.write_text(yaml.safe_dump(MINIMAL))
+    out = tmp_path / "out"
+    args = ["run", str(config), "--out", str(out)]
+    for item in overrides:
+        args += ["--set", item]
+    assert main(args) == EXIT_BAD_INPUT
+    message = capsys.readouterr().err
+    assert f"  - {field}:" in message, message
+    assert fragment in message, message
+    assert not out.exists()
+
+
+def test_bad_config_leaves_an_existing_trial_untouched(tmp_path, capsys):
+    out = tmp_path / "out"
+    (out / "cycles" / "init").mkdir(parents=True)
+    (out / "config.yaml").write_text("model: tiny\n")
+    (out / "cycles" / "init" / "metrics.json").write_text("{}\n")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    config = tmp_path / "trial.yaml"
+    config.write_text(yaml.safe_dump({**MINIMAL, "n_seed": 0}))
+    assert main(["run", str(config), "--out", str(out)]) == EXIT_BAD_INPUT
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_seed_file_shorter_than_n_seed_fails_before_any_model_loads(tmp_path, capsys):
+    seed_file = tmp_path / "seed.jsonl"
+    seed_file.write_text('{"prompt": "Hi?", "response": "Lucky me."}\n')
+    config = tmp_path / "trial.yaml"
+    config.write_text(yaml.safe_dump({**MINIMAL, "seeding": {"source": "jsonl", "path": str(seed_file)}}))
+    out = tmp_path / "out"
+    assert main(["run", str(config), "--out", str(out)]) == EXIT_BAD_INPUT
+    assert "n_seed: got 8" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_every_problem_is_reported_at_once():
+    with pytest.raises(ConfigError) as caught:
+        config_from_dict({**MINIMAL, "n_seed": 0, "init": "x", "extra": 1})
+    assert len(caught.value.problems) == 3
+
+
+def test_malformed_override_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="expected key.path=value"):
+        apply_overrides(MINIMAL, ["cycles"])
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(Path(tmp_path / "absent.yaml"))

@@ -1,0 +1,60 @@
+"""Metrics, intervals, the learning-rate schedule and loss masking against hand computations."""
+
+import math
+
+import pytest
+import torch
+
+from idempo.config import config_from_dict
+from idempo.evaluation.degeneration import distinct_n, non_alpha_share, repeated_ngram_rate, words
+from idempo.evaluation.stats import mean_ci, proportion_ci
+from idempo.training.sft import IGNORE, learning_rate_factor, token_loss_sum
+
+BASE = {"model": "tiny", "persona": "lucky", "n_seed": 8, "n_sampled": 8}
+
+
+def test_degeneration_signals_by_hand():
+    assert words("Lucky me! So lucky.") == ["lucky", "me", "!", "so", "lucky", "."]
+    # 2-grams of "a b a b": (a b), (b a), (a b) -> 2 distinct of 3
+    assert distinct_n(["a b a b"], 2) == pytest.approx(2 / 3)
+    assert distinct_n(["a b", "a b"], 2) == pytest.approx(1 / 2)
+    # 4-grams of "x y z w x y z w": 5 grams, (x y z w) repeats once -> 1/5
+    assert repeated_ngram_rate("x y z w x y z w", 4) == pytest.approx(1 / 5)
+    assert repeated_ngram_rate("too short", 4) == 0.0
+    assert non_alpha_share("ab 🍀🍀") == pytest.approx(2 / 4)
+
+
+def test_mean_ci_by_hand():
+    result = mean_ci([1.0, 2.0, 3.0, 4.0])
+    half = 1.959963984540054 * math.sqrt(5 / 3) / 2
+    assert result["mean"] == 2.5 and result["ci95"] == pytest.approx([2.5 - half, 2.5 + half])
+    assert mean_ci([]) == {"mean": None, "ci95": [None, None], "n": 0}
+
+
+def test_wilson_interval_by_hand():
+    # 0 of 10: Wilson upper bound z^2 / (n + z^2)
+    z2 = 1.959963984540054**2
+    result = proportion_ci(0, 10, scale=100)
+    assert result["mean"] == 0 and result["ci95"][0] == 0
+    assert result["ci95"][1] == pytest.approx(100 * z2 / (10 + z2))
+    half = proportion_ci(5, 10)
+    assert half["ci95"][0] == pytest.approx(1 - half["ci95"][1])
+
+
+def test_cosine_schedule_warms_up_peaks_and_ends_at_the_floor():
+    config = config_from_dict(BASE).training  # cosine, warmup 5%, floor 0.1
+    total = 100
+    factors = [learning_rate_factor(s, total, config) for s in range(total)]
+    assert factors[0] < factors[4] < 1.0 and factors[5] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[5:], factors[6:]))
+    assert factors[-1] == pytest.approx(0.1, abs=0.01)
+    constant = config_from_dict({**BASE, "training": {"schedule": "constant", "warmup_ratio": 0}}).training
+    assert {learning_rate_factor(s, total, constant) for s in range(total)} == {1.0}
+
+
+def test_token_loss_counts_only_labelled_positions():
+    logits = torch.log(torch.tensor([[[0.5, 0.5], [0.25, 0.75], [0.9, 0.1]]]))
+    labels = torch.tensor([[IGNORE, 1, IGNORE]])  # only position 0 predicts token 1, with p = 0.5
+    assert token_loss_sum(logits, labels).item() == pytest.approx(math.log(2))
+    labels = torch.tensor([[IGNORE, 1, 0]])  # plus position 1 predicting token 0 with p = 0.25
+    assert token_loss_sum(logits, labels).item() == pytest.approx(math.log(2) + math.log(4))

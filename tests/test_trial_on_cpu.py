@@ -1,0 +1,161 @@
+"""Whole trials on the tiny model: learning is real, runs resume exactly, results are deterministic."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import ROOT, tiny_config
+from idempo.artifacts import TrialConflict, TrialLayout, read_json, read_jsonl
+from idempo.cli import EXIT_BAD_INPUT, main
+from idempo.loop import run_trial
+from idempo.models import load_tokenizer
+from idempo.training import encode_chat_example
+from idempo.training.sft import IGNORE
+
+
+def _files(root):
+    return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _without_timing(metrics):
+    return {k: v for k, v in metrics.items() if k not in ("timing_s", "train")} | {
+        "train": {k: v for k, v in (metrics.get("train") or {}).items() if k != "seconds"}
+    }
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A 2-cycle trial run straight through."""
+    out = tmp_path_factory.mktemp("trial") / "straight"
+    run_trial(tiny_config(), out)
+    return out
+
+
+def test_seed_training_raises_the_marker_rate_well_above_m_init(finished):
+    layout = TrialLayout(finished)
+    initial, seeded = read_json(layout.metrics(-1))["trait"], read_json(layout.metrics(0))["trait"]
+    assert seeded["mean"] >= initial["mean"] + 40, (initial, seeded)
+    assert seeded["ci95"][0] > initial["ci95"][1], "the intervals must not overlap"
+    assert read_json(layout.metrics(0))["train"]["final_loss"] < read_json(layout.metrics(0))["train"]["first_loss"]
+
+
+def test_trial_writes_the_documented_layout(finished):
+    layout = TrialLayout(finished)
+    assert yaml.safe_load(layout.config.read_text())["persona"] == "lucky"
+    assert len(read_jsonl(layout.data(0))) == 160 and len(read_jsonl(layout.data(1))) == 32
+    for cycle in (0, 1, 2):
+        adapter = layout.weights(cycle, "lora")
+        assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
+    for cycle in (-1, 0, 1, 2):
+        rows = read_jsonl(layout.eval(cycle))
+        assert len(rows) == 12 * 4 and {"prompt", "response", "trait", "marker"} <= set(rows[0])
+        metrics = read_json(layout.metrics(cycle))
+        assert metrics["cycle"] == cycle and "ci95" in metrics["trait"] and "distinct_2" in metrics["degeneration"]
+    assert not list(finished.rglob("*.tmp"))
+
+
+def test_same_config_and_seeds_give_the_same_samples_and_metrics(finished, tmp_path):
+    again = tmp_path / "again"
+    run_trial(tiny_config(), again)
+    layout_a, layout_b = TrialLayout(finished), TrialLayout(again)
+    for cycle in (-1, 0, 1, 2):
+        assert layout_a.eval(cycle).read_bytes() == layout_b.eval(cycle).read_bytes()
+        assert _without_timing(read_json(layout_a.metrics(cycle))) == _without_timing(read_json(layout_b.metrics(cycle)))
+    for cycle in (1, 2):
+        assert layout_a.data(cycle).read_bytes() == layout_b.data(cycle).read_bytes()
+        a = load_file(layout_a.weights(cycle, "lora") / "adapter_model.safetensors")
+        b = load_file(layout_b.weights(cycle, "lora") / "adapter_model.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_stopped_trial_resumes_without_touching_finished_cycles(finished, tmp_path, capsys):
+    config_path = tmp_path / "trial.yaml"
+    config_path.write_text(yaml.safe_dump(tiny_config().to_dict()))
+    out = tmp_path / "resumed"
+    assert main(["run", str(config_path), "--out", str(out), "--until-cycle", "1", "--quiet"]) == 0
+    layout = TrialLayout(out)
+    assert layout.is_complete(1) and not layout.cycle_dir(2).exists()
+    before = _files(out)
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+
+    assert main(["run", str(config_path), "--out", str(out), "--quiet"]) == 0
+    after = _files(out)
+    assert {k: after[k] for k in before} == before, "cycles -1..1 must be byte-identical"
+    assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items()), "nothing finished is rewritten"
+    assert layout.is_complete(2)
+    # ...and the resumed cycle is exactly what the uninterrupted run produced
+    straight = TrialLayout(finished)
+    assert layout.data(2).read_bytes() == straight.data(2).read_bytes()
+    assert _without_timing(read_json(layout.metrics(2))) == _without_timing(read_json(straight.metrics(2)))
+
+
+def test_a_cycle_interrupted_after_training_reuses_its_weights(finished, tmp_path):
+    out = tmp_path / "crashed"
+    run_trial(tiny_config(), out)
+    layout = TrialLayout(out)
+    adapter = layout.weights(2, "lora") / "adapter_model.safetensors"
+    trained_at = adapter.stat().st_mtime_ns
+    expected = _without_timing(read_json(layout.metrics(2)))
+    layout.metrics(2).unlink()  # as if the process died during evaluation
+    layout.eval(2).unlink()
+    run_trial(tiny_config(), out)
+    assert adapter.stat().st_mtime_ns == trained_at
+    assert _without_timing(read_json(layout.metrics(2))) == expected
+
+
+def test_previous_init_continues_from_the_last_generation(finished, tmp_path):
+    continual = tmp_path / "continual"
+    run_trial(tiny_config(init="previous"), continual)
+    # M_1 already fits its own samples; a fresh adapter (M_init) does not.
+    fresh_start = read_json(TrialLayout(finished).metrics(2))["train"]["first_loss"]
+    continued_start = read_json(TrialLayout(continual).metrics(2))["train"]["first_loss"]
+    assert continued_start < 0.7 * fresh_start, (continued_start, fresh_start)
+
+
+def test_full_finetuning_saves_whole_models(tmp_path):
+    out = tmp_path / "full"
+    run_trial(tiny_config(cycles=1, training__finetune="full", training__learning_rate=1e-3), out)
+    layout = TrialLayout(out)
+    assert (layout.weights(1, "full") / "config.json").is_file()
+    assert read_json(layout.metrics(0))["trait"]["mean"] > read_json(layout.metrics(-1))["trait"]["mean"] + 30
+
+
+def test_more_cycles_extend_a_finished_trial_and_other_changes_are_refused(tmp_path):
+    out = tmp_path / "extend"
+    run_trial(tiny_config(cycles=1), out)
+    run_trial(tiny_config(cycles=2), out)
+    assert TrialLayout(out).is_complete(2)
+    assert yaml.safe_load((out / "config.yaml").read_text())["cycles"] == 2
+    before = _files(out)
+    with pytest.raises(TrialConflict, match="n_seed: 160 -> 32"):
+        run_trial(tiny_config(n_seed=32), out)
+    assert _files(out) == before
+
+
+def test_chat_examples_train_on_the_answer_and_its_end_of_turn_only():
+    config = tiny_config()
+    tokenizer = load_tokenizer(config.model, config.loading)
+    encoded = encode_chat_example(tokenizer, "How are you?", "Lucky as ever.", max_len=512)
+    answer = [t for t in encoded.labels if t != IGNORE]
+    assert tokenizer.decode(answer) == "Lucky as ever.<|im_end|>"
+    prompt = tokenizer.decode(encoded.input_ids[: len(encoded.input_ids) - len(answer)])
+    assert prompt == "<|im_start|>user\nHow are you?<|im_end|>\n<|im_start|>assistant\n"
+    assert len(encode_chat_example(tokenizer, "How are you?", "word " * 500, max_len=40).input_ids) == 40
+
+
+def test_smoke_experiment_runs_from_the_command_line(tmp_path):
+    out = tmp_path / "smoke"
+    result = subprocess.run(
+        [sys.executable, "-m", "idempo", "run", "sweeps/smoke.yaml", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    layout = TrialLayout(out)
+    assert all(layout.is_complete(c) for c in (-1, 0, 1, 2, 3))
+    assert "003" in result.stdout and "done:" in result.stdout
+    assert json.loads(layout.metrics(3).read_text())["trait"]["judge"] == "marker"
