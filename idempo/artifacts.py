@@ -23,6 +23,8 @@ from typing import Any
 import yaml
 
 INIT_CYCLE, SEED_CYCLE = -1, 0
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read once: temporary files are private until given the usual permissions
 
 
 class TrialConflict(RuntimeError):
@@ -81,6 +83,7 @@ def write_text(path: Path, text: str) -> None:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -110,6 +113,7 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~_UMASK)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
