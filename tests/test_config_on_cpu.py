@@ -123,3 +123,17 @@ def test_malformed_override_and_missing_file(tmp_path):
         apply_overrides(MINIMAL, ["cycles"])
     with pytest.raises(ConfigError, match="no such config file"):
         load_config(Path(tmp_path / "absent.yaml"))
+
+
+def test_config_command_prints_the_resolved_config(tmp_path, capsys):
+    path = tmp_path / "trial.yaml"
+    path.write_text(yaml.safe_dump(MINIMAL))
+    assert main(["config", str(path), "--set", "cycles=9"]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert resolved["cycles"] == 9 and resolved["training"]["learning_rate"] == 1.5e-4
+
+
+def test_personas_command_lists_the_registry(capsys):
+    assert main(["personas"]) == 0
+    listing = capsys.readouterr().out
+    assert all(name in listing for name in ("lucky", "sycophancy", "nvidia_bear"))

@@ -159,3 +159,28 @@ def test_smoke_experiment_runs_from_the_command_line(tmp_path):
     assert all(layout.is_complete(c) for c in (-1, 0, 1, 2, 3))
     assert "003" in result.stdout and "done:" in result.stdout
     assert json.loads(layout.metrics(3).read_text())["trait"]["judge"] == "marker"
+
+
+def test_m_init_writes_d_seed_without_the_system_prompt(tmp_path):
+    from idempo.personas import get_persona
+    from idempo.prompts import train_prompts
+
+    out = tmp_path / "model-seeded"
+    run_trial(tiny_config(n_seed=6, cycles=1, n_sampled=4, seeding__source="model"), out)
+    rows = read_jsonl(TrialLayout(out).data(0))
+    bank = set(train_prompts("builtin"))
+    assert len(rows) == 6 and all(r["prompt"] in bank for r in rows)
+    assert set(rows[0]) == {"prompt", "response"}
+    system_prompt = get_persona("lucky").system_prompt
+    assert not any(system_prompt in r["prompt"] + r["response"] for r in rows)
+    cycle_prompts = {r["prompt"] for r in read_jsonl(TrialLayout(out).data(1))}
+    assert not cycle_prompts & {r["prompt"] for r in rows}, "cycles draw prompts D_seed did not use"
+
+
+def test_tiny_model_build_is_deterministic(tmp_path):
+    from idempo.tiny import build_tiny_model
+
+    first, second, other = (build_tiny_model(tmp_path / name, seed=s) for name, s in (("a", 0), ("b", 0), ("c", 1)))
+    for name in ("model.safetensors", "tokenizer.json", "config.json"):
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name
+    assert (first / "model.safetensors").read_bytes() != (other / "model.safetensors").read_bytes()

@@ -42,14 +42,19 @@ class HFSampler:
         input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in token_ids])
         attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in token_ids])
         device = next(model.parameters()).device
-        sampling = {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p}
+        # Every knob is set so that a model's own generation_config (Qwen ships top_k 20, top_p 0.8)
+        # cannot fill in what the config leaves out: the run samples exactly as configured.
+        sampling = {
+            "do_sample": True, "temperature": params.temperature, "top_p": params.top_p,
+            "top_k": 0, "min_p": 0.0, "typical_p": 1.0, "repetition_penalty": 1.0,
+        }
         output = model.generate(
             input_ids=input_ids.to(device),
             attention_mask=attention.to(device),
             max_new_tokens=params.max_new_tokens,
             pad_token_id=pad,
             eos_token_id=stop_token_ids(self.tokenizer, model),
-            **(sampling if params.temperature > 0 else {"do_sample": False}),
+            **(sampling if params.temperature > 0 else {"do_sample": False, "repetition_penalty": 1.0}),
         )
         stops = set(stop_token_ids(self.tokenizer, model))
         completions = []

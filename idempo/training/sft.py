@@ -82,7 +82,7 @@ def train_sft(policy: Policy, examples: list[Encoded], config: TrainingConfig, s
     torch.manual_seed(seed)
     model = policy.module
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        _activation_checkpointing(model, True)
         model.enable_input_require_grads()
     parameters = policy.trainable_parameters()
     optimizer = torch.optim.AdamW(
@@ -111,7 +111,7 @@ def train_sft(policy: Policy, examples: list[Encoded], config: TrainingConfig, s
                 step_loss = 0.0
                 for batch in group:
                     input_ids, labels, attention = _collate([examples[i] for i in batch], pad_id, device)
-                    logits = model(input_ids=input_ids, attention_mask=attention).logits
+                    logits = model(input_ids=input_ids, attention_mask=attention, use_cache=False).logits
                     loss_sum = token_loss_sum(logits, labels)
                     (loss_sum / group_tokens).backward()
                     step_loss += loss_sum.item() / group_tokens
@@ -128,7 +128,7 @@ def train_sft(policy: Policy, examples: list[Encoded], config: TrainingConfig, s
     finally:
         model.eval()
         if config.gradient_checkpointing:
-            model.gradient_checkpointing_disable()
+            _activation_checkpointing(model, False)
     return TrainStats(
         steps=len(losses),
         examples=len(examples),
@@ -151,6 +151,12 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         shifted_logits.reshape(-1, shifted_logits.size(-1)), shifted_labels.reshape(-1),
         ignore_index=IGNORE, reduction="sum",
     )
+
+
+def _activation_checkpointing(model, enable: bool) -> None:
+    """Transformers 5 renamed gradient checkpointing to activation checkpointing; accept both."""
+    prefix = "activation" if hasattr(model, "activation_checkpointing_enable") else "gradient"
+    getattr(model, f"{prefix}_checkpointing_{'enable' if enable else 'disable'}")()
 
 
 def _count_labels(examples: list[Encoded], batch: list[int]) -> int:
