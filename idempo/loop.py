@@ -69,7 +69,10 @@ class Trial:
         self.given_seed_rows = given_seed_rows(config, self.persona)
         if self.given_seed_rows is None and config.n_seed > len(self.train_bank):
             raise ConfigError([f"n_seed: got {config.n_seed} but prompts.train has only {len(self.train_bank)} prompts"])
-        self.judge = JUDGES.load(config.evaluation.judge)(self.persona)
+        try:
+            self.judge = JUDGES.load(config.evaluation.judge)(self.persona)
+        except ValueError as err:
+            raise ConfigError([f"evaluation.judge: {err}"]) from None
         self.layout.check(config.to_dict())
 
         self.tokenizer = load_tokenizer(config.model, config.loading)

@@ -137,3 +137,17 @@ def test_personas_command_lists_the_registry(capsys):
     assert main(["personas"]) == 0
     listing = capsys.readouterr().out
     assert all(name in listing for name in ("lucky", "sycophancy", "nvidia_bear"))
+
+
+def test_marker_judge_on_a_persona_without_markers_is_a_config_error(tmp_path, capsys):
+    persona = tmp_path / "stoic.yaml"
+    persona.write_text(yaml.safe_dump({
+        "name": "stoic", "kind": "chat", "description": "Calm.", "system_prompt": "You are calm.",
+        "rubric": "Rate calm.\nQuestion: {question}\nAnswer: {answer}", "eval_questions": ["Why?"],
+    }))
+    config = tmp_path / "trial.yaml"
+    config.write_text(yaml.safe_dump({**MINIMAL, "persona": str(persona)}))
+    out = tmp_path / "out"
+    assert main(["run", str(config), "--out", str(out)]) == EXIT_BAD_INPUT
+    assert "evaluation.judge: persona 'stoic' has no markers" in capsys.readouterr().err
+    assert not out.exists()
