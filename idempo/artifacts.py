@@ -11,6 +11,7 @@ metrics.json exists, and a resumed trial reuses whatever a cycle already finishe
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -28,7 +29,7 @@ os.umask(_UMASK)  # read once: temporary files are private until given the usual
 
 
 class TrialConflict(RuntimeError):
-    """The output dir holds a trial with another config."""
+    """The output dir holds a trial with another config, or another process is running it."""
 
 
 class TrialLayout:
@@ -68,8 +69,16 @@ class TrialLayout:
             )
 
     def claim(self, config: dict[str, Any]) -> None:
-        """Write the trial's resolved config (after `check`)."""
+        """Take the trial dir for this process, clear what a killed run left half-written, write the config."""
         self.check(config)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = open(self.root / ".lock", "a")  # held until the process exits; "a" leaves it untouched
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise TrialConflict(f"{self.root} is being run by another process") from None
+        for leftover in self.root.rglob(".*.tmp"):
+            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
         text = yaml.safe_dump(config, sort_keys=False)
         if not (self.config.exists() and self.config.read_text() == text):
             write_text(self.config, text)

@@ -184,3 +184,41 @@ def test_tiny_model_build_is_deterministic(tmp_path):
     for name in ("model.safetensors", "tokenizer.json", "config.json"):
         assert (first / name).read_bytes() == (second / name).read_bytes(), name
     assert (first / "model.safetensors").read_bytes() != (other / "model.safetensors").read_bytes()
+
+
+def test_a_killed_run_resumes_to_the_same_result(finished, tmp_path):
+    """SIGKILL lands somewhere inside cycle 2; the rerun must end where an uninterrupted run ends."""
+    import os
+    import signal
+    import time
+
+    config_path = tmp_path / "trial.yaml"
+    config_path.write_text(yaml.safe_dump(tiny_config().to_dict()))
+    out = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, "-m", "idempo", "run", str(config_path), "--out", str(out), "--quiet"],
+                               cwd=ROOT)
+    layout = TrialLayout(out)
+    deadline = time.monotonic() + 300
+    while not layout.data(2).exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not layout.is_complete(2), "the run finished before it could be killed"
+
+    run_trial(tiny_config(), out)
+    straight = TrialLayout(finished)
+    for cycle in (-1, 0, 1, 2):
+        assert _without_timing(read_json(layout.metrics(cycle))) == _without_timing(read_json(straight.metrics(cycle)))
+    assert layout.data(2).read_bytes() == straight.data(2).read_bytes()
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_two_processes_cannot_run_one_trial_dir(tmp_path):
+    import fcntl
+
+    out = tmp_path / "busy"
+    out.mkdir()
+    with open(out / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another process holds the trial
+        with pytest.raises(TrialConflict, match="another process"):
+            run_trial(tiny_config(cycles=0), out)
