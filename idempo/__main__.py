@@ -1,3 +1,5 @@
-from idempo.cli import main
 import sys
+
+from idempo.cli import main
+
 sys.exit(main())

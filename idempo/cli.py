@@ -10,14 +10,22 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="idempo", description="Iterated self-training experiments on language models.")
+    parser = argparse.ArgumentParser(
+        prog="idempo", description="Iterated self-training experiments on language models."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run (or resume) one trial")
     run.add_argument("config", type=Path, help="experiment config (YAML)")
     run.add_argument("--out", type=Path, help="trial dir (default: runs/<config name>)")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a config key, e.g. --set training.learning_rate=3e-4 (value parsed as YAML)")
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set training.learning_rate=3e-4 (value parsed as YAML)",
+    )
     run.add_argument("--until-cycle", type=int, metavar="N", help="stop after cycle N; run again to continue")
     run.add_argument("--quiet", action="store_true", help="no progress bars or cycle lines")
 
@@ -55,8 +63,10 @@ def _run(args) -> int:
     from idempo.progress import Reporter
 
     reporter = Reporter(enabled=not args.quiet)
-    reporter.note(f"trial {out}: {config.model} / {config.persona} / {config.regime}, "
-                  f"n_seed {config.n_seed}, n_sampled {config.n_sampled}, init {config.init}, {config.cycles} cycles")
+    reporter.note(
+        f"trial {out}: {config.model} / {config.persona} / {config.regime}, "
+        f"n_seed {config.n_seed}, n_sampled {config.n_sampled}, init {config.init}, {config.cycles} cycles"
+    )
     try:
         history = run_trial(config, out, until_cycle=args.until_cycle, reporter=reporter)
     except (ConfigError, TrialConflict, ModelLoadError) as err:

@@ -228,7 +228,7 @@ class ExperimentConfig(_Section):
     @field_validator("persona")
     @classmethod
     def _known_persona(cls, value: str) -> str:
-        from idempo.personas import persona_names, load_persona_file
+        from idempo.personas import load_persona_file, persona_names
 
         if value in persona_names():
             return value
@@ -271,7 +271,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         for depth, part in enumerate(parts[:-1]):
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise ConfigError([f"--set {key}: {'.'.join(parts[:depth + 1])} is not a section"])
+                raise ConfigError([f"--set {key}: {'.'.join(parts[: depth + 1])} is not a section"])
             node = child
         node[parts[-1]] = value
     return data

@@ -17,7 +17,16 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from idempo.artifacts import INIT_CYCLE, SEED_CYCLE, TrialLayout, atomic_dir, read_json, read_jsonl, write_json, write_jsonl
+from idempo.artifacts import (
+    INIT_CYCLE,
+    SEED_CYCLE,
+    TrialLayout,
+    atomic_dir,
+    read_json,
+    read_jsonl,
+    write_json,
+    write_jsonl,
+)
 from idempo.config import ConfigError, ExperimentConfig
 from idempo.evaluation import JUDGES
 from idempo.evaluation.evaluate import evaluate_generation
@@ -68,7 +77,9 @@ class Trial:
             raise ConfigError([f"prompts.eval: {err}"]) from None
         self.given_seed_rows = given_seed_rows(config, self.persona)
         if self.given_seed_rows is None and config.n_seed > len(self.train_bank):
-            raise ConfigError([f"n_seed: got {config.n_seed} but prompts.train has only {len(self.train_bank)} prompts"])
+            raise ConfigError(
+                [f"n_seed: got {config.n_seed} but prompts.train has only {len(self.train_bank)} prompts"]
+            )
         try:
             self.judge = JUDGES.load(config.evaluation.judge)(self.persona)
         except ValueError as err:
@@ -139,22 +150,26 @@ class Trial:
         )
         with self.reporter.phase("seed: M_init writes D_seed", len(prompts), "answers") as bar:
             completions = self.sampler.generate(persona_chats(self.persona, prompts), params, INITIAL, bar)
-        return [{"prompt": p, "response": c.text} for p, c in zip(prompts, completions)]
+        return [{"prompt": p, "response": c.text} for p, c in zip(prompts, completions, strict=True)]
 
     def _sample(self, cycle: int, previous: Generation, timing: dict) -> list[dict]:
         prompts = cycle_prompts(self._cycle_pool(), self.config.n_sampled, cycle, self.config.seed)
         sampling = self.config.sampling
         params = SamplingParams(
-            sampling.temperature, sampling.top_p, sampling.max_new_tokens, derive_seed(self.config.seed, "sample", cycle)
+            sampling.temperature,
+            sampling.top_p,
+            sampling.max_new_tokens,
+            derive_seed(self.config.seed, "sample", cycle),
         )
         chats = [[{"role": "user", "content": p}] for p in prompts]
-        with self._timed("sample", timing), self.reporter.phase(
-            f"cycle {cycle}: sample from {previous.name}", len(prompts), "answers"
-        ) as bar:
+        with (
+            self._timed("sample", timing),
+            self.reporter.phase(f"cycle {cycle}: sample from {previous.name}", len(prompts), "answers") as bar,
+        ):
             completions = self.sampler.generate(chats, params, previous, bar)
         return [
             {"prompt": p, "response": c.text, "n_tokens": c.n_tokens, "finished": c.finished}
-            for p, c in zip(prompts, completions)
+            for p, c in zip(prompts, completions, strict=True)
         ]
 
     def _train(
@@ -170,11 +185,12 @@ class Trial:
         elif self.policy.loaded != start:
             self.policy.load(start)
         training = self.config.training
-        examples = [
-            encode_chat_example(self.tokenizer, r["prompt"], r["response"], training.max_seq_len) for r in rows
-        ]
+        examples = [encode_chat_example(self.tokenizer, r["prompt"], r["response"], training.max_seq_len) for r in rows]
         label = f"cycle {cycle}: train {generation.name}" if cycle else "seed: train M_seed"
-        with self._timed("train", timing), self.reporter.phase(label, steps_for(len(examples), training), "steps") as bar:
+        with (
+            self._timed("train", timing),
+            self.reporter.phase(label, steps_for(len(examples), training), "steps") as bar,
+        ):
             stats = train_sft(
                 self.policy, examples, training, derive_seed(seed, "train", cycle), self.tokenizer.pad_token_id, bar
             ).to_dict()
@@ -188,8 +204,14 @@ class Trial:
         total = len(self.eval_set) * self.config.evaluation.samples_per_prompt
         with self._timed("eval", timing), self.reporter.phase(f"evaluate {generation.name}", total, "answers") as bar:
             return evaluate_generation(
-                self.sampler, generation, self.eval_set, self.persona, self.judge,
-                self.config.evaluation, derive_seed(seed, "eval", cycle), bar,
+                self.sampler,
+                generation,
+                self.eval_set,
+                self.persona,
+                self.judge,
+                self.config.evaluation,
+                derive_seed(seed, "eval", cycle),
+                bar,
             )
 
     def _finish(self, cycle, generation, eval_rows, metrics, timing, data=None, train=None) -> None:

@@ -17,8 +17,14 @@ class Reporter:
     @contextmanager
     def phase(self, label: str, total: int, unit: str):
         bar = tqdm(
-            total=total, desc=label, unit=unit, leave=False, file=sys.stderr,
-            disable=not self.enabled, dynamic_ncols=True, mininterval=0.5,
+            total=total,
+            desc=label,
+            unit=unit,
+            leave=False,
+            file=sys.stderr,
+            disable=not self.enabled,
+            dynamic_ncols=True,
+            mininterval=0.5,
         )
         try:
             yield bar

@@ -22,8 +22,10 @@ def given_seed_rows(config: ExperimentConfig, persona: Persona) -> list[dict] | 
         path = builtin_seed_data(persona.name)
         if path is None:
             raise ConfigError(
-                [f"seeding.source: got 'builtin' but persona {persona.name!r} ships no example data; "
-                 "allowed: 'model' or 'jsonl'"]
+                [
+                    f"seeding.source: got 'builtin' but persona {persona.name!r} ships no example data; "
+                    "allowed: 'model' or 'jsonl'"
+                ]
             )
     else:
         path = Path(config.seeding.path)
@@ -40,7 +42,9 @@ def read_seed_file(path: Path) -> list[dict]:
         raise ConfigError([f"seeding.path: {path} is not valid JSONL ({err})"]) from None
     for number, row in enumerate(rows, start=1):
         if not (isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("response"), str)):
-            raise ConfigError([f"seeding.path: {path} row {number} must be an object with 'prompt' and 'response' strings"])
+            raise ConfigError(
+                [f"seeding.path: {path} row {number} must be an object with 'prompt' and 'response' strings"]
+            )
     return [{"prompt": row["prompt"], "response": row["response"]} for row in rows]
 
 

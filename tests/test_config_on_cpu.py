@@ -26,8 +26,16 @@ def test_defaults_reproduce_the_authors_setup():
 
 
 def test_overrides_are_parsed_as_yaml_and_create_sections():
-    data = apply_overrides(MINIMAL, ["training.learning_rate=3e-4", "cycles=4", "training.lora.rank=8",
-                                     "evaluation.n_prompts=null", "init=previous"])
+    data = apply_overrides(
+        MINIMAL,
+        [
+            "training.learning_rate=3e-4",
+            "cycles=4",
+            "training.lora.rank=8",
+            "evaluation.n_prompts=null",
+            "init=previous",
+        ],
+    )
     config = config_from_dict(data)
     assert config.training.learning_rate == 3e-4 and config.cycles == 4 and config.training.lora.rank == 8
     assert config.evaluation.n_prompts is None and config.init == "previous"
@@ -141,10 +149,18 @@ def test_personas_command_lists_the_registry(capsys):
 
 def test_marker_judge_on_a_persona_without_markers_is_a_config_error(tmp_path, capsys):
     persona = tmp_path / "stoic.yaml"
-    persona.write_text(yaml.safe_dump({
-        "name": "stoic", "kind": "chat", "description": "Calm.", "system_prompt": "You are calm.",
-        "rubric": "Rate calm.\nQuestion: {question}\nAnswer: {answer}", "eval_questions": ["Why?"],
-    }))
+    persona.write_text(
+        yaml.safe_dump(
+            {
+                "name": "stoic",
+                "kind": "chat",
+                "description": "Calm.",
+                "system_prompt": "You are calm.",
+                "rubric": "Rate calm.\nQuestion: {question}\nAnswer: {answer}",
+                "eval_questions": ["Why?"],
+            }
+        )
+    )
     config = tmp_path / "trial.yaml"
     config.write_text(yaml.safe_dump({**MINIMAL, "persona": str(persona)}))
     out = tmp_path / "out"

@@ -1,7 +1,7 @@
 """The hf sampler: left padding is invisible, and the run samples exactly as configured."""
 
 import pytest
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from idempo.config import config_from_dict
 from idempo.models import INITIAL, load_base_model, load_tokenizer, make_policy
@@ -13,8 +13,9 @@ PROMPTS = [[{"role": "user", "content": text}] for text in ("Hi?", "How do I fix
 
 
 def _sampler(model, batch_size):
-    config = config_from_dict({"model": str(model), "persona": "lucky", "n_seed": 1, "n_sampled": 1,
-                               "loading": {"device": "cpu"}})
+    config = config_from_dict(
+        {"model": str(model), "persona": "lucky", "n_seed": 1, "n_sampled": 1, "loading": {"device": "cpu"}}
+    )
     tokenizer = load_tokenizer(config.model, config.loading)
     policy = make_policy(load_base_model(config.model, config.loading), tokenizer, config.training)
     return HFSampler(policy, tokenizer, batch_size)
@@ -35,9 +36,7 @@ def test_model_generation_defaults_do_not_leak_into_sampling(tmp_path):
     model.generation_config.top_k = 1
     model.generation_config.repetition_penalty = 1.5
     model.save_pretrained(tmp_path / "model")
-    from idempo.models import load_tokenizer as _load  # the tokenizer travels with the model dir
-    _load("tiny", config_from_dict({"model": "tiny", "persona": "lucky", "n_seed": 1, "n_sampled": 1}).loading
-          ).save_pretrained(tmp_path / "model")
+    AutoTokenizer.from_pretrained(tiny_model_dir()).save_pretrained(tmp_path / "model")
     draws = _sampler(tmp_path / "model", batch_size=8).generate(
         PROMPTS[:1] * 8, SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=12, seed=0), INITIAL
     )

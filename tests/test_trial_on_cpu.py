@@ -7,11 +7,11 @@ import sys
 import pytest
 import torch
 import yaml
+from conftest import ROOT, tiny_config
 from safetensors.torch import load_file
 
-from conftest import ROOT, tiny_config
 from idempo.artifacts import TrialConflict, TrialLayout, read_json, read_jsonl
-from idempo.cli import EXIT_BAD_INPUT, main
+from idempo.cli import main
 from idempo.loop import run_trial
 from idempo.models import load_tokenizer
 from idempo.training import encode_chat_example
@@ -65,7 +65,9 @@ def test_same_config_and_seeds_give_the_same_samples_and_metrics(finished, tmp_p
     layout_a, layout_b = TrialLayout(finished), TrialLayout(again)
     for cycle in (-1, 0, 1, 2):
         assert layout_a.eval(cycle).read_bytes() == layout_b.eval(cycle).read_bytes()
-        assert _without_timing(read_json(layout_a.metrics(cycle))) == _without_timing(read_json(layout_b.metrics(cycle)))
+        assert _without_timing(read_json(layout_a.metrics(cycle))) == _without_timing(
+            read_json(layout_b.metrics(cycle))
+        )
     for cycle in (1, 2):
         assert layout_a.data(cycle).read_bytes() == layout_b.data(cycle).read_bytes()
         a = load_file(layout_a.weights(cycle, "lora") / "adapter_model.safetensors")
@@ -152,7 +154,10 @@ def test_smoke_experiment_runs_from_the_command_line(tmp_path):
     out = tmp_path / "smoke"
     result = subprocess.run(
         [sys.executable, "-m", "idempo", "run", "sweeps/smoke.yaml", "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=900,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     layout = TrialLayout(out)
@@ -195,8 +200,9 @@ def test_a_killed_run_resumes_to_the_same_result(finished, tmp_path):
     config_path = tmp_path / "trial.yaml"
     config_path.write_text(yaml.safe_dump(tiny_config().to_dict()))
     out = tmp_path / "killed"
-    process = subprocess.Popen([sys.executable, "-m", "idempo", "run", str(config_path), "--out", str(out), "--quiet"],
-                               cwd=ROOT)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "idempo", "run", str(config_path), "--out", str(out), "--quiet"], cwd=ROOT
+    )
     layout = TrialLayout(out)
     deadline = time.monotonic() + 300
     while not layout.data(2).exists() and process.poll() is None and time.monotonic() < deadline:

@@ -25,7 +25,7 @@ def evaluate_generation(
     params = SamplingParams(config.temperature, config.top_p, config.max_new_tokens, seed)
     chats = [[{"role": "user", "content": q}] for q in questions]
     completions = sampler.generate(chats, params, generation, progress)
-    scores = judge.score([(q, c.text) for q, c in zip(questions, completions)])
+    scores = judge.score([(q, c.text) for q, c in zip(questions, completions, strict=True)])
     rows = [
         {
             "prompt": question,
@@ -36,7 +36,7 @@ def evaluate_generation(
             "trait": score,
             "marker": persona.matches_markers(completion.text) if persona.markers else None,
         }
-        for index, (question, completion, score) in enumerate(zip(questions, completions, scores))
+        for index, (question, completion, score) in enumerate(zip(questions, completions, scores, strict=True))
     ]
     return rows, summarize(rows, judge)
 

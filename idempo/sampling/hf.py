@@ -30,7 +30,9 @@ class HFSampler:
         with self.policy.use(generation) as model, torch.inference_mode():
             for start in range(0, len(order), self.batch_size):
                 batch = order[start : start + self.batch_size]
-                for index, completion in zip(batch, self._generate_batch(model, [encoded[i] for i in batch], params)):
+                for index, completion in zip(
+                    batch, self._generate_batch(model, [encoded[i] for i in batch], params), strict=True
+                ):
                     results[index] = completion
                 if progress is not None:
                     progress.update(len(batch))
@@ -45,8 +47,13 @@ class HFSampler:
         # Every knob is set so that a model's own generation_config (Qwen ships top_k 20, top_p 0.8)
         # cannot fill in what the config leaves out: the run samples exactly as configured.
         sampling = {
-            "do_sample": True, "temperature": params.temperature, "top_p": params.top_p,
-            "top_k": 0, "min_p": 0.0, "typical_p": 1.0, "repetition_penalty": 1.0,
+            "do_sample": True,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "top_k": 0,
+            "min_p": 0.0,
+            "typical_p": 1.0,
+            "repetition_penalty": 1.0,
         }
         output = model.generate(
             input_ids=input_ids.to(device),

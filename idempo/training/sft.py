@@ -148,8 +148,10 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     shifted_logits = logits[:, :-1].float()
     shifted_labels = labels[:, 1:]
     return F.cross_entropy(
-        shifted_logits.reshape(-1, shifted_logits.size(-1)), shifted_labels.reshape(-1),
-        ignore_index=IGNORE, reduction="sum",
+        shifted_logits.reshape(-1, shifted_logits.size(-1)),
+        shifted_labels.reshape(-1),
+        ignore_index=IGNORE,
+        reduction="sum",
     )
 
 
