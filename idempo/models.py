@@ -69,7 +69,7 @@ def quiet_transformers() -> None:
     logging.disable_progress_bar()
 
 
-def load_tokenizer(model: str, loading: LoadingConfig, need_chat_template: bool = True):
+def load_tokenizer(model: str, loading: LoadingConfig):
     from transformers import AutoTokenizer
 
     quiet_transformers()
@@ -79,7 +79,7 @@ def load_tokenizer(model: str, loading: LoadingConfig, need_chat_template: bool 
         )
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"could not load the tokenizer of model {model!r}: {err}") from None
-    if need_chat_template and not tokenizer.chat_template:
+    if not tokenizer.chat_template:
         raise ModelLoadError(f"model {model!r} has no chat template; chat personas need an instruct model")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
