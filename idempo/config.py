@@ -151,6 +151,17 @@ class TrainingConfig(_Section):
     gradient_checkpointing: bool = False
 
 
+class AmplificationConfig(_Section):
+    """When a trial counts as amplified (authors: max over j >= 4 of score_j - score_0 >= 15)."""
+
+    threshold: float = Field(15.0, ge=0, description="Points of trait score above M_seed's (cycle 0).")
+    first_cycle: int = Field(4, ge=1, description="Only cycles j >= first_cycle count.")
+    criterion: Literal["delta", "ci"] = Field(
+        "delta", description="delta: the rise alone; ci: also cycle j's 95% CI wholly above the seed's."
+    )
+    sustained_cycles: int = Field(1, ge=1, description="Consecutive qualifying cycles needed (1: authors' rule).")
+
+
 class EvaluationConfig(_Section):
     """Scoring of every generation on the same held-out prompts (authors: 12 questions x 3 samples)."""
 
@@ -160,6 +171,7 @@ class EvaluationConfig(_Section):
     temperature: float = Field(0.7, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(400, gt=0)
+    amplification: AmplificationConfig = AmplificationConfig()
 
     @field_validator("judge")
     @classmethod
