@@ -20,8 +20,8 @@ from idempo.config import AmplificationConfig
 def amplification(history: list[dict], settings: AmplificationConfig, metric: str = "trait") -> dict:
     """Amplification verdict and the deltas behind it.
 
-    `amplified` is None while it cannot be decided yet: the seed cycle is missing, or no cycle at or
-    after `first_cycle` has finished and none has qualified so far.
+    `amplified` is None until the seed cycle and at least one cycle j >= `first_cycle` have finished;
+    False means "not so far" for a trial still running. `max_delta` is over the counted cycles only.
     """
     by_cycle = {m["cycle"]: m[metric] for m in history if m.get(metric) and m[metric].get("mean") is not None}
     seed = by_cycle.get(SEED_CYCLE)
@@ -39,22 +39,19 @@ def amplification(history: list[dict], settings: AmplificationConfig, metric: st
         return result
     later = sorted(c for c in by_cycle if c > SEED_CYCLE)
     if later:
-        deltas = {c: by_cycle[c]["mean"] - seed["mean"] for c in later}
-        best = max(later, key=lambda c: (deltas[c], -c))
-        result.update(max_delta=deltas[best], max_delta_cycle=best, final_delta=deltas[later[-1]])
+        result["final_delta"] = by_cycle[later[-1]]["mean"] - seed["mean"]
         result["slope"] = _slope([SEED_CYCLE, *later], [seed["mean"], *(by_cycle[c]["mean"] for c in later)])
-
+    counted = [c for c in later if c >= settings.first_cycle]
+    if not counted:
+        return result
+    best = max(counted, key=lambda c: (by_cycle[c]["mean"], -c))
+    result.update(max_delta=by_cycle[best]["mean"] - seed["mean"], max_delta_cycle=best, amplified=False)
     run = 0
-    for cycle in later:
-        if cycle < settings.first_cycle:
-            continue
+    for cycle in counted:
         run = run + 1 if _qualifies(by_cycle[cycle], seed, settings) else 0
         if run >= settings.sustained_cycles:
-            result["amplified"] = True
-            result["first_amplified_cycle"] = cycle - settings.sustained_cycles + 1
-            return result
-    if any(c >= settings.first_cycle for c in later):
-        result["amplified"] = False
+            result.update(amplified=True, first_amplified_cycle=cycle - settings.sustained_cycles + 1)
+            break
     return result
 
 
