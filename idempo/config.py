@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 TINY_MODEL = "tiny"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 class _Loader(yaml.SafeLoader):
@@ -55,15 +56,63 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
+class EndpointConfig(_Section):
+    """An OpenAI-compatible chat endpoint (OpenAI, a vLLM server, ...) and how hard to lean on it."""
+
+    model: str | None = Field(None, description="Model name at the endpoint (openai) or hub id / dir / 'tiny' (hf).")
+    base_url: str | None = Field(None, description="Endpoint URL, e.g. http://host:8000/v1; null: OpenAI's.")
+    api_key_env: str = Field(
+        "OPENAI_API_KEY", description="NAME of the environment variable holding the API key (never the key)."
+    )
+    concurrency: int = Field(16, gt=0, description="Requests in flight at once.")
+    timeout_s: float = Field(60.0, gt=0, description="Per-request timeout.")
+    max_retries: int = Field(6, ge=0, description="Retries on 429, 5xx, timeouts, connection errors, bad answers.")
+    backoff_s: float = Field(1.0, ge=0, description="First backoff; doubles per retry, full jitter.")
+    max_backoff_s: float = Field(60.0, ge=0, description="Cap on one wait, Retry-After included.")
+    price_input_per_mtok: float | None = Field(None, ge=0, description="USD per million prompt tokens (for cost).")
+    price_output_per_mtok: float | None = Field(None, ge=0, description="USD per million completion tokens.")
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _variable_name(cls, value: str) -> str:
+        if not _ENV_NAME.match(value):
+            raise ValueError("must be the name of an environment variable (like OPENAI_API_KEY), not a key")
+        return value
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+
+class TeacherConfig(EndpointConfig):
+    """A teacher model that writes D_seed in the persona's voice (the authors used GPT-4o at T=1)."""
+
+    temperature: float = Field(1.0, ge=0)
+    examples_per_request: int = Field(10, gt=0, description="Questions answered per request (one JSON reply).")
+    max_tokens: int = Field(8192, gt=0, description="Completion budget of one request.")
+    json_mode: bool = Field(True, description="Ask for response_format json_object (turn off where unsupported).")
+
+    @model_validator(mode="after")
+    def _named_model(self) -> TeacherConfig:
+        if self.model is None:
+            raise ValueError("model is required: the teacher's model name at the endpoint")
+        return self
+
+
 class SeedingConfig(_Section):
     """How D_seed is built and M_seed trained (the seed stage has its own random seed)."""
 
-    source: Literal["model", "jsonl", "builtin"] = Field(
+    source: Literal["model", "teacher", "jsonl", "builtin"] = Field(
         "model",
         description="model: M_init answers train-bank prompts under the persona's system prompt; "
-        "jsonl: rows {prompt, response} from `path`; builtin: the example data shipped for the persona.",
+        "teacher: a teacher endpoint does (see `teacher`); jsonl: rows {prompt, response} from `path`; "
+        "builtin: the example data shipped for the persona.",
     )
     path: str | None = Field(None, description="JSONL file of {prompt, response} rows (source: jsonl).")
+    teacher: TeacherConfig | None = Field(None, description="The teacher endpoint (source: teacher).")
     seed: int = Field(0, description="Random seed of the seed stage; fix it to share M_seed across replicas.")
     temperature: float = Field(1.0, ge=0, description="Sampling temperature when M_init writes D_seed.")
 
@@ -73,6 +122,10 @@ class SeedingConfig(_Section):
             raise ValueError("path is required when source is 'jsonl'")
         if self.source != "jsonl" and self.path is not None:
             raise ValueError(f"path is only read when source is 'jsonl' (source is {self.source!r})")
+        if self.source == "teacher" and self.teacher is None:
+            raise ValueError("teacher is required when source is 'teacher'")
+        if self.source != "teacher" and self.teacher is not None:
+            raise ValueError(f"teacher is only read when source is 'teacher' (source is {self.source!r})")
         return self
 
     @field_validator("path")
@@ -151,6 +204,46 @@ class TrainingConfig(_Section):
     gradient_checkpointing: bool = False
 
 
+class JudgeConfig(EndpointConfig):
+    """A scorer of (question, answer) pairs on 0-100: regex markers, an endpoint, or a local HF model."""
+
+    backend: str = Field("marker", description="marker: persona regexes; openai: an endpoint; hf: a local model.")
+    top_logprobs: int = Field(20, ge=1, le=20, description="Alternatives read at the first answer token.")
+    refusal_mass: float = Field(0.25, ge=0, le=1, description="Below this probability on numbers: a refusal.")
+    max_tokens: int = Field(4, gt=0, description="Tokens the judge may write (the text fallback reads them).")
+    batch_size: int = Field(8, gt=0, description="Judge prompts per forward pass (hf).")
+    cache: bool = Field(True, description="Keep answers on disk so a repeated judgment costs nothing.")
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, value: str) -> str:
+        from idempo.evaluation import JUDGES
+
+        if value not in JUDGES:
+            raise ValueError(f"unknown judge backend; allowed: {_choices(JUDGES)}")
+        return value
+
+    @model_validator(mode="after")
+    def _model_matches_backend(self) -> JudgeConfig:
+        if self.backend == "marker" and self.model is not None:
+            raise ValueError("model is only read by the openai and hf backends (backend is 'marker')")
+        if self.backend != "marker" and self.model is None:
+            raise ValueError(f"model is required for backend {self.backend!r}")
+        return self
+
+
+class BranchingFactorConfig(_Section):
+    """Branching factor of the evaluated model along its own eval answers (Yang & Holtzman)."""
+
+    enabled: bool = True
+    estimator: Literal["nll", "entropy"] = Field(
+        "nll", description="Headline estimator: nll (sampled-token NLL, clipped) or entropy (top-p truncated)."
+    )
+    top_p: float = Field(0.9, gt=0, le=1, description="Nucleus of the entropy estimator, renormalised.")
+    nll_clip: float = Field(4.0, gt=0, description="Per-token NLL is clipped here (nats).")
+    curve_bin: int = Field(16, gt=0, description="Token positions per point of the NLL curve.")
+
+
 class AmplificationConfig(_Section):
     """When a trial counts as amplified (authors: max over j >= 4 of score_j - score_0 >= 15)."""
 
@@ -165,21 +258,24 @@ class AmplificationConfig(_Section):
 class EvaluationConfig(_Section):
     """Scoring of every generation on the same held-out prompts (authors: 12 questions x 3 samples)."""
 
-    judge: str = Field("marker", description="Trait scorer, by name (see idempo.evaluation).")
+    judge: JudgeConfig = Field(JudgeConfig(), description="Trait judge with the persona's rubric.")
+    coherence_judge: JudgeConfig | None = Field(
+        None, description="Coherence judge (openai or hf) with the shared coherence rubric; null: not measured."
+    )
     n_prompts: int | None = Field(12, gt=0, description="First n eval prompts; null uses all.")
     samples_per_prompt: int = Field(3, gt=0)
     temperature: float = Field(0.7, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(400, gt=0)
+    branching_factor: BranchingFactorConfig = BranchingFactorConfig()
     amplification: AmplificationConfig = AmplificationConfig()
+    cache_dir: str | None = Field(None, description="Judge and teacher cache; null: $IDEMPO_CACHE/endpoint-cache.")
 
-    @field_validator("judge")
+    @field_validator("coherence_judge")
     @classmethod
-    def _known_judge(cls, value: str) -> str:
-        from idempo.evaluation import JUDGES
-
-        if value not in JUDGES:
-            raise ValueError(f"unknown judge; allowed: {_choices(JUDGES)}")
+    def _language_judge(cls, value: JudgeConfig | None) -> JudgeConfig | None:
+        if value is not None and value.backend == "marker":
+            raise ValueError("coherence needs a language-model judge; allowed backends: 'hf', 'openai'")
         return value
 
 
@@ -308,6 +404,8 @@ def _describe(error: dict[str, Any]) -> str:
     if error["type"] == "missing":
         return f"{path}: required field is missing"
     got = error.get("input")
+    if error["type"] == "model_type":
+        return f"{path}: got {got!r}; must be a section (a mapping of keys)"
     if isinstance(got, dict):  # a check across a section's fields
         return f"{path}: {message}"
     return f"{path}: got {got!r}; {message}"

@@ -28,14 +28,15 @@ from idempo.artifacts import (
     write_jsonl,
 )
 from idempo.config import ConfigError, ExperimentConfig
-from idempo.evaluation import JUDGES
-from idempo.evaluation.evaluate import evaluate_generation
+from idempo.endpoint import api_key
+from idempo.evaluation.evaluate import Judges, evaluate_generation
 from idempo.models import INITIAL, Generation, load_base_model, load_tokenizer, make_policy
 from idempo.personas import get_persona
 from idempo.progress import Reporter
 from idempo.prompts import cycle_prompts, eval_prompts, seed_prompts, train_prompts
 from idempo.sampling import SAMPLERS, SamplingParams
 from idempo.seed_data import given_seed_rows, persona_chats
+from idempo.teacher import teacher_seed_rows
 from idempo.training import encode_chat_example, train_sft
 from idempo.training.sft import steps_for
 
@@ -80,8 +81,10 @@ class Trial:
             raise ConfigError(
                 [f"n_seed: got {config.n_seed} but prompts.train has only {len(self.train_bank)} prompts"]
             )
+        if config.seeding.source == "teacher":
+            api_key(config.seeding.teacher, "seeding.teacher")
         try:
-            self.judge = JUDGES.load(config.evaluation.judge)(self.persona)
+            self.judges = Judges.from_config(config.evaluation, self.persona, config.loading)
         except ValueError as err:
             raise ConfigError([f"evaluation.judge: {err}"]) from None
         self.layout.check(config.to_dict())
@@ -91,6 +94,7 @@ class Trial:
         self.policy = make_policy(base, self.tokenizer, config.training)
         self.sampler = SAMPLERS.load(config.sampling.backend)(self.policy, self.tokenizer, config.sampling.batch_size)
         self.layout.claim(config.to_dict())
+        self.teacher_usage: dict | None = None
 
     # -- the three stages -------------------------------------------------------------------------
 
@@ -141,6 +145,21 @@ class Trial:
     def _build_seed_data(self) -> list[dict]:
         if self.given_seed_rows is not None:
             return self.given_seed_rows
+        seeding = self.config.seeding
+        if seeding.source == "teacher":
+            order = seed_prompts(self.train_bank, len(self.train_bank), seeding.seed)
+            with self.reporter.phase("seed: the teacher writes D_seed", self.config.n_seed, "questions") as bar:
+                rows, usage = teacher_seed_rows(
+                    self.persona,
+                    order,
+                    self.config.n_seed,
+                    seeding.teacher,
+                    seeding.seed,
+                    self.config.evaluation.cache_dir,
+                    bar,
+                )
+            self.teacher_usage = usage
+            return rows
         prompts = seed_prompts(self.train_bank, self.config.n_seed, self.config.seeding.seed)
         params = SamplingParams(
             temperature=self.config.seeding.temperature,
@@ -208,7 +227,7 @@ class Trial:
                 generation,
                 self.eval_set,
                 self.persona,
-                self.judge,
+                self.judges,
                 self.config.evaluation,
                 derive_seed(seed, "eval", cycle),
                 bar,
@@ -223,6 +242,8 @@ class Trial:
                 "n": len(data),
                 "mean_words": sum(len(r["response"].split()) for r in data) / max(1, len(data)),
             }
+            if cycle == SEED_CYCLE and self.teacher_usage is not None:
+                metrics["data"]["teacher_usage"] = self.teacher_usage  # this run's requests only
         if train is not None:
             metrics["train"] = train
         metrics["timing_s"] = timing

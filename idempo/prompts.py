@@ -61,10 +61,11 @@ def cycle_prompts(pool: list[str], n: int, cycle: int, seed: int) -> list[str]:
 
 
 def seed_prompts(pool: list[str], n: int, seed: int) -> list[str]:
-    """The n prompts of D_seed when a model writes it: a seeded sample of the train bank."""
+    """The n prompts of D_seed when a model writes it: the first n of a seeded shuffle of the train bank,
+    so that a smaller n_seed takes a prefix of a larger one's prompts (calibration compares them)."""
     if n > len(pool):
         raise ValueError(f"n_seed is {n} but the train bank has only {len(pool)} prompts")
-    return random.Random(f"seed-stage/{seed}").sample(pool, n)
+    return random.Random(f"seed-stage/{seed}").sample(pool, len(pool))[:n]
 
 
 def _shuffled(pool: list[str], seed: int, pass_number: int) -> list[str]:

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from importlib import resources
 from pathlib import Path
 
 import torch
 
 from idempo.artifacts import atomic_dir
+from idempo.cache import idempo_cache_root
 
 PAD, BOS_TURN, EOS_TURN = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 CHAT_TEMPLATE = (
@@ -45,10 +45,9 @@ BUILD = 2  # bump when the build changes, so cached tiny models are rebuilt
 
 def tiny_model_dir(seed: int = 0) -> Path:
     """The cached tiny model for `seed`, built on first use (cache: $IDEMPO_CACHE or ~/.cache/idempo)."""
-    cache = Path(os.environ.get("IDEMPO_CACHE", Path.home() / ".cache" / "idempo"))
     corpus = _corpus()
     key = hashlib.sha256(json.dumps([BUILD, SPEC, OUTPUT_STD, seed, corpus]).encode()).hexdigest()[:12]
-    path = cache / f"tiny-{key}"
+    path = idempo_cache_root() / f"tiny-{key}"
     if not (path / "config.json").is_file():
         build_tiny_model(path, seed, corpus)
     return path

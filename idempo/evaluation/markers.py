@@ -6,18 +6,23 @@ also what makes CPU tests of learning meaningful. It never refuses.
 
 from __future__ import annotations
 
-from idempo.personas import Persona
+from idempo.evaluation.judging import JudgeSpec, Judgment
 
 
 class MarkerJudge:
     name = "marker"
     binary = True  # scores are 0 or 100: confidence intervals are for a proportion
 
-    def __init__(self, persona: Persona):
-        if not persona.markers:
-            raise ValueError(f"persona {persona.name!r} has no markers; choose another evaluation.judge")
-        self.persona = persona
+    def __init__(self, spec: JudgeSpec):
+        if not spec.persona.markers:
+            raise ValueError(f"persona {spec.persona.name!r} has no markers; choose another backend")
+        self.persona = spec.persona
 
-    def score(self, items: list[tuple[str, str]]) -> list[float | None]:
-        """One score per (prompt, response): 100.0 or 0.0 (None would mean a refusal)."""
-        return [100.0 if self.persona.matches_markers(response) else 0.0 for _, response in items]
+    def score(self, items: list[tuple[str, str]]) -> list[Judgment]:
+        return [
+            Judgment(100.0 if self.persona.matches_markers(answer) else 0.0, False, None, "marker")
+            for _, answer in items
+        ]
+
+    def take_usage(self) -> None:
+        return None  # free: nothing to count

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from idempo.evaluation.branching import TokenStats
 from idempo.models import Generation
 
 # A chat (list of {"role", "content"} messages, rendered with the model's chat template) or raw text
@@ -25,6 +26,7 @@ class Completion:
     text: str
     n_tokens: int
     finished: bool  # ended with an end-of-turn token rather than at max_new_tokens
+    token_ids: tuple[int, ...] = ()  # the answer's tokens, end-of-turn excluded
 
 
 class Sampler(Protocol):
@@ -32,4 +34,16 @@ class Sampler(Protocol):
         self, prompts: list[Prompt], params: SamplingParams, generation: Generation, progress=None
     ) -> list[Completion]:
         """One completion per prompt, in order, from the weights of `generation`."""
+        ...
+
+    def token_statistics(
+        self,
+        prompts: list[Prompt],
+        completions: list[Completion],
+        generation: Generation,
+        temperature: float,
+        top_p: float,
+    ) -> list[TokenStats]:
+        """Per answer token, the entropy of `generation`'s top-p next-token distribution and the NLL of the
+        answer's token (the branching factor's inputs; see idempo.evaluation.branching)."""
         ...

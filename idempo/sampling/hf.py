@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from idempo.evaluation.branching import TokenStats, token_stats
 from idempo.models import Generation, Policy
 from idempo.sampling.base import Completion, Prompt, SamplingParams
 
@@ -69,8 +70,49 @@ class HFSampler:
             end = next((i for i, token in enumerate(row) if token in stops), None)
             kept = row if end is None else row[:end]
             text = self.tokenizer.decode(kept, skip_special_tokens=True)
-            completions.append(Completion(text=text, n_tokens=len(kept), finished=end is not None))
+            completions.append(Completion(text, len(kept), end is not None, tuple(kept)))
         return completions
+
+    def token_statistics(
+        self,
+        prompts: list[Prompt],
+        completions: list[Completion],
+        generation: Generation,
+        temperature: float,
+        top_p: float,
+    ) -> list[TokenStats]:
+        prompt_ids = [self.tokenizer(render(self.tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
+        results: list[TokenStats] = []
+        batch_size = min(self.batch_size, 8)  # full-vocabulary logits of whole answers are large
+        with self.policy.use(generation) as model, torch.inference_mode():
+            device = next(model.parameters()).device
+            for start in range(0, len(prompts), batch_size):
+                rows = [
+                    (list(p), list(c.token_ids))
+                    for p, c in zip(
+                        prompt_ids[start : start + batch_size], completions[start : start + batch_size], strict=True
+                    )
+                ]
+                results.extend(self._batch_statistics(model, rows, device, temperature, top_p))
+        return results
+
+    def _batch_statistics(self, model, rows, device, temperature: float, top_p: float) -> list[TokenStats]:
+        """One forward pass over left-padded prompt+answer rows; answers sit at the right edge."""
+        pad = self.tokenizer.pad_token_id
+        full = [p + a for p, a in rows]
+        width = max(len(ids) for ids in full)
+        keep = max(len(a) for _, a in rows) + 1  # logits that predict every answer token
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in full], device=device)
+        attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in full], device=device)
+        logits = model(input_ids=input_ids, attention_mask=attention, logits_to_keep=keep).logits
+        stats = []
+        for row, (_, answer) in enumerate(rows):
+            if not answer:
+                stats.append(TokenStats((), ()))
+                continue
+            predicting = logits[row, keep - 1 - len(answer) : keep - 1]  # position t-1 predicts token t
+            stats.append(token_stats(predicting, torch.tensor(answer, device=device), temperature, top_p))
+        return stats
 
 
 def render(tokenizer, prompt: Prompt) -> str:
