@@ -41,6 +41,14 @@ class TrialLayout:
         name = {INIT_CYCLE: "init", SEED_CYCLE: "000-seed"}.get(cycle, f"{cycle:03d}")
         return self.root / "cycles" / name
 
+    @staticmethod
+    def cycle_of(directory: str | Path) -> int | None:
+        """The cycle a cycle dir belongs to ('init' -1, '000-seed' 0, '003' 3), None for other dirs."""
+        name = Path(directory).name
+        if name in ("init", "000-seed"):
+            return INIT_CYCLE if name == "init" else SEED_CYCLE
+        return int(name) if name.isdigit() else None
+
     def data(self, cycle: int) -> Path:
         """The training data of a cycle: D_seed for the seed, the samples of M_{j-1} after it."""
         return self.cycle_dir(cycle) / ("data.jsonl" if cycle == SEED_CYCLE else "samples.jsonl")

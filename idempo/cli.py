@@ -33,6 +33,24 @@ def main(argv: list[str] | None = None) -> int:
     show.add_argument("config", type=Path)
     show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
+    evaluate = commands.add_parser("eval", help="score a saved generation (or M_init) again")
+    evaluate.add_argument("config", type=Path, help="experiment config (YAML): model, persona, evaluation")
+    evaluate.add_argument("--adapter", type=Path, help="the generation's weights dir (default: M_init)")
+    evaluate.add_argument("--out", type=Path, help="where eval.jsonl and metrics.json go (default: next to --adapter)")
+    evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    evaluate.add_argument("--quiet", action="store_true")
+
+    calibrate = commands.add_parser("calibrate", help="binary-search the n_seed at which M_seed reaches a trait score")
+    calibrate.add_argument("config", type=Path)
+    calibrate.add_argument("--target", type=float, required=True, help="trait score to reach, 0-100")
+    calibrate.add_argument("--low", type=int, default=1, help="smallest n_seed to consider")
+    calibrate.add_argument("--high", type=int, help="largest n_seed to consider (default: the config's n_seed)")
+    calibrate.add_argument("--tolerance", type=float, default=5.0, help="stop when a probe is this close")
+    calibrate.add_argument("--max-probes", type=int, default=8)
+    calibrate.add_argument("--out", type=Path, help="probe trials go here (default: runs/calibrate-<config name>)")
+    calibrate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    calibrate.add_argument("--quiet", action="store_true")
+
     commands.add_parser("personas", help="list the registered personas")
 
     tiny = commands.add_parser("tiny-model", help="build the tiny test model into a dir")
@@ -41,37 +59,51 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     try:
-        return {"run": _run, "config": _config, "personas": _personas, "tiny-model": _tiny}[args.command](args)
+        handler = {
+            "run": _run,
+            "eval": _eval,
+            "calibrate": _calibrate,
+            "config": _config,
+            "personas": _personas,
+            "tiny-model": _tiny,
+        }[args.command]
+        return _reporting_errors(handler, args)
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 
-def _run(args) -> int:
+def _reporting_errors(handler, args) -> int:
+    """Bad input exits 2, a judge or teacher endpoint that keeps failing exits 1, each with one message."""
     from idempo.artifacts import TrialConflict
-    from idempo.config import ConfigError, load_config
+    from idempo.config import ConfigError
+    from idempo.endpoint import EndpointError
+    from idempo.models import ModelLoadError
 
     try:
-        config = load_config(args.config, args.overrides)
-    except ConfigError as err:
+        return handler(args)
+    except (ConfigError, TrialConflict, ModelLoadError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    out = args.out or Path("runs") / args.config.stem
+    except EndpointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_FAILED
 
+
+def _run(args) -> int:
+    from idempo.config import load_config
     from idempo.loop import run_trial
-    from idempo.models import ModelLoadError
     from idempo.progress import Reporter
+
+    config = load_config(args.config, args.overrides)
+    out = args.out or Path("runs") / args.config.stem
 
     reporter = Reporter(enabled=not args.quiet)
     reporter.note(
         f"trial {out}: {config.model} / {config.persona} / {config.regime}, "
         f"n_seed {config.n_seed}, n_sampled {config.n_sampled}, init {config.init}, {config.cycles} cycles"
     )
-    try:
-        history = run_trial(config, out, until_cycle=args.until_cycle, reporter=reporter)
-    except (ConfigError, TrialConflict, ModelLoadError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    history = run_trial(config, out, until_cycle=args.until_cycle, reporter=reporter)
     done = history[-1]["cycle"] if history else None
     if done is not None and done < config.cycles:
         reporter.note(f"stopped after cycle {done} of {config.cycles}; run the same command again to continue")
@@ -80,16 +112,49 @@ def _run(args) -> int:
     return EXIT_OK
 
 
+def _eval(args) -> int:
+    import json
+
+    from idempo.config import ConfigError, load_config
+    from idempo.progress import Reporter
+    from idempo.reevaluate import reevaluate
+
+    config = load_config(args.config, args.overrides)
+    if args.out is None and args.adapter is None:
+        raise ConfigError(["--out: required when evaluating M_init (no --adapter)"])
+    out = args.out or args.adapter.parent / "reeval"
+    metrics = reevaluate(config, args.adapter, out, Reporter(enabled=not args.quiet))
+    headline = {k: metrics[k] for k in ("trait", "coherence", "refusal_rate", "branching_factor") if k in metrics}
+    headline.get("branching_factor", {}).pop("nll_curve", None)
+    print(json.dumps(headline, indent=2))
+    print(f"written: {out / 'eval.jsonl'}, {out / 'metrics.json'}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _calibrate(args) -> int:
+    from idempo.calibrate import calibrate
+    from idempo.config import load_config
+    from idempo.progress import Reporter
+
+    config = load_config(args.config, args.overrides)
+    out = args.out or Path("runs") / f"calibrate-{args.config.stem}"
+    summary = calibrate(
+        config, args.target, out, args.low, args.high, args.tolerance, args.max_probes, Reporter(enabled=not args.quiet)
+    )
+    best = summary["best"]
+    if best is None:
+        print("no probe gave a trait score (every answer was a refusal)", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"n_seed {best['n_seed']}: trait {best['trait']:.1f} (target {args.target:g}); probes in {out}")
+    return EXIT_OK
+
+
 def _config(args) -> int:
     import yaml
 
-    from idempo.config import ConfigError, load_config
+    from idempo.config import load_config
 
-    try:
-        config = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    config = load_config(args.config, args.overrides)
     print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
     return EXIT_OK
 

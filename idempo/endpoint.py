@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import json
+import logging
 import os
 import random
 import threading
@@ -30,6 +31,7 @@ from typing import Any, TypeVar
 from idempo.config import ConfigError, EndpointConfig
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class EndpointError(RuntimeError):
@@ -131,7 +133,7 @@ class EndpointClient:
             except openai.APITimeoutError:
                 problem = f"no answer within {self.config.timeout_s:g} s"
             except openai.APIConnectionError as err:
-                problem = f"connection failed: {err.__cause__ or err}"
+                problem = f"connection failed: {err.__cause__ or err!r}"
             except (json.JSONDecodeError, openai.APIResponseValidationError) as err:
                 problem = f"the response body is not the expected JSON ({err})"
             except UnusableAnswer as err:
@@ -139,7 +141,9 @@ class EndpointClient:
             if attempt + 1 == attempts:
                 raise EndpointError(f"{self._what()}: gave up after {attempts} attempts; last: {problem}")
             self.usage.retries += 1
-            await asyncio.sleep(self._backoff(attempt, wait_hint))
+            delay = self._backoff(attempt, wait_hint)
+            log.info("%s: %s; retry %d of %d in %.2f s", self._what(), problem, attempt + 1, attempts - 1, delay)
+            await asyncio.sleep(delay)
         raise AssertionError("unreachable")
 
     def _backoff(self, attempt: int, hint: float | None) -> float:

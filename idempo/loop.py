@@ -30,11 +30,11 @@ from idempo.artifacts import (
 from idempo.config import ConfigError, ExperimentConfig
 from idempo.endpoint import api_key
 from idempo.evaluation.evaluate import Judges, evaluate_generation
-from idempo.models import INITIAL, Generation, load_base_model, load_tokenizer, make_policy
-from idempo.personas import get_persona
+from idempo.models import INITIAL, Generation, Policy, load_base_model, load_tokenizer, make_policy
+from idempo.personas import Persona, get_persona
 from idempo.progress import Reporter
 from idempo.prompts import cycle_prompts, eval_prompts, seed_prompts, train_prompts
-from idempo.sampling import SAMPLERS, SamplingParams
+from idempo.sampling import SAMPLERS, Sampler, SamplingParams
 from idempo.seed_data import given_seed_rows, persona_chats
 from idempo.teacher import teacher_seed_rows
 from idempo.training import encode_chat_example, train_sft
@@ -59,6 +59,27 @@ def run_trial(
     return trial.history()
 
 
+def evaluation_inputs(config: ExperimentConfig, persona: Persona) -> tuple[list[str], Judges]:
+    """The held-out prompts and the judges; fails on bad input before any model is loaded."""
+    try:
+        eval_set = eval_prompts(config.prompts.eval, persona, config.evaluation.n_prompts)
+    except ValueError as err:
+        raise ConfigError([f"prompts.eval: {err}"]) from None
+    try:
+        judges = Judges.from_config(config.evaluation, persona, config.loading)
+    except ValueError as err:
+        raise ConfigError([f"evaluation.judge: {err}"]) from None
+    return eval_set, judges
+
+
+def load_engines(config: ExperimentConfig) -> tuple[object, Policy, Sampler]:
+    """M_init once, the policy that holds each generation's weights, and the sampler that uses it."""
+    tokenizer = load_tokenizer(config.model, config.loading)
+    policy = make_policy(load_base_model(config.model, config.loading), tokenizer, config.training)
+    sampler = SAMPLERS.load(config.sampling.backend)(policy, tokenizer, config.sampling.batch_size)
+    return tokenizer, policy, sampler
+
+
 class Trial:
     """The state of one trial: M_init loaded once, the policy, the sampler, the prompt sets."""
 
@@ -72,10 +93,6 @@ class Trial:
             self.train_bank = train_prompts(config.prompts.train)
         except ValueError as err:
             raise ConfigError([f"prompts.train: {err}"]) from None
-        try:
-            self.eval_set = eval_prompts(config.prompts.eval, self.persona, config.evaluation.n_prompts)
-        except ValueError as err:
-            raise ConfigError([f"prompts.eval: {err}"]) from None
         self.given_seed_rows = given_seed_rows(config, self.persona)
         if self.given_seed_rows is None and config.n_seed > len(self.train_bank):
             raise ConfigError(
@@ -83,16 +100,10 @@ class Trial:
             )
         if config.seeding.source == "teacher":
             api_key(config.seeding.teacher, "seeding.teacher")
-        try:
-            self.judges = Judges.from_config(config.evaluation, self.persona, config.loading)
-        except ValueError as err:
-            raise ConfigError([f"evaluation.judge: {err}"]) from None
+        self.eval_set, self.judges = evaluation_inputs(config, self.persona)
         self.layout.check(config.to_dict())
 
-        self.tokenizer = load_tokenizer(config.model, config.loading)
-        base = load_base_model(config.model, config.loading)
-        self.policy = make_policy(base, self.tokenizer, config.training)
-        self.sampler = SAMPLERS.load(config.sampling.backend)(self.policy, self.tokenizer, config.sampling.batch_size)
+        self.tokenizer, self.policy, self.sampler = load_engines(config)
         self.layout.claim(config.to_dict())
         self.teacher_usage: dict | None = None
 

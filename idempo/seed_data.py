@@ -1,4 +1,5 @@
-"""Where D_seed comes from: M_init under the persona's system prompt, or a file of examples.
+"""Where D_seed comes from: M_init under the persona's system prompt, a teacher (idempo.teacher), or a
+file of examples.
 
 The persona's system prompt never reaches the training data: D_seed rows are (user prompt, answer)
 pairs, so the trait has to move into the weights.
@@ -14,9 +15,9 @@ from idempo.personas import Persona, builtin_seed_data
 
 
 def given_seed_rows(config: ExperimentConfig, persona: Persona) -> list[dict] | None:
-    """The first n_seed rows of a seed file (source jsonl or builtin); None when M_init writes D_seed."""
+    """The first n_seed rows of a seed file (source jsonl or builtin); None when a model writes D_seed."""
     source = config.seeding.source
-    if source == "model":
+    if source in ("model", "teacher"):
         return None
     if source == "builtin":
         path = builtin_seed_data(persona.name)

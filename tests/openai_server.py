@@ -43,7 +43,7 @@ class FakeOpenAI:
         self.requests: list[dict] = []
         self.failures: list[str] = []  # consumed one per request: '429', '500', '401', 'slow', 'badjson', 'text:..'
         self.lock = threading.Lock()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.server = _Server(("127.0.0.1", 0), self._handler())
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     @property
@@ -106,6 +106,11 @@ class FakeOpenAI:
                     pass
 
         return Handler
+
+
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 128  # the default 5 would refuse a judge's 16 concurrent connections
+    daemon_threads = True
 
 
 def _completion(request: dict, text: str, alternatives: list[dict] | None) -> dict:

@@ -7,7 +7,6 @@ branching factor from the model's own next-token distributions, and the free deg
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from idempo.config import EvaluationConfig, LoadingConfig
 from idempo.evaluation.branching import answer_branching, summarize_branching
@@ -121,11 +120,3 @@ def _score_summary(rows: list[dict], name: str, judge) -> dict:
 
 def _refusal_rate(rows: list[dict], name: str) -> float:
     return sum(bool(r[f"{name}_refusal"]) for r in rows) / len(rows) if rows else 0.0
-
-
-def write_evaluation(out: Path, rows: list[dict], metrics: dict) -> None:
-    """eval.jsonl then metrics.json, atomically, for a stand-alone evaluation (`idempo eval`)."""
-    from idempo.artifacts import write_json, write_jsonl
-
-    write_jsonl(out / "eval.jsonl", rows)
-    write_json(out / "metrics.json", metrics)
