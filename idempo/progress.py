@@ -45,6 +45,14 @@ def summary_line(metrics: dict) -> str:
     parts = [
         f"{metrics['generation']:>8}",
         f"trait {_num(trait['mean'])} [{_num(trait['ci95'][0])}, {_num(trait['ci95'][1])}] ({trait['judge']})",
+    ]
+    if metrics.get("coherence"):
+        parts.append(f"coherence {_num(metrics['coherence']['mean'])}")
+    if metrics.get("branching_factor"):
+        parts.append(
+            f"BF {metrics['branching_factor']['mean']:.2f}" if metrics["branching_factor"]["mean"] else "BF n/a"
+        )
+    parts += [
         f"words {degeneration['mean_words']:.1f}",
         f"distinct-2 {degeneration['distinct_2']:.2f}",
         f"rep-4 {degeneration['repeated_4gram_rate']:.2f}",
