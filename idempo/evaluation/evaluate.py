@@ -27,8 +27,11 @@ class Judges:
     def from_config(cls, evaluation: EvaluationConfig, persona: Persona, loading: LoadingConfig) -> Judges:
         """Both judges, built before any model of the trial is loaded (so a missing key fails early)."""
 
+        # A local judge model shares the trial's device and dtype, not M_init's revision or remote code.
+        judge_loading = LoadingConfig(device=loading.device, dtype=loading.dtype)
+
         def spec(config, rubric, field):
-            return JudgeSpec(config, rubric, persona, field, loading, evaluation.cache_dir)
+            return JudgeSpec(config, rubric, persona, field, judge_loading, evaluation.cache_dir)
 
         trait = make_judge(spec(evaluation.judge, persona.rubric, "evaluation.judge"))
         coherence = None

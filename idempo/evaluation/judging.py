@@ -129,7 +129,7 @@ class RubricJudge:
 
     def _key(self, prompt: str) -> str:
         c = self.config
-        return cache_key("judge", c.backend, c.model, self.spec.loading.revision, prompt, c.top_logprobs, c.max_tokens)
+        return cache_key("judge", c.backend, c.model, prompt, c.top_logprobs, c.max_tokens)
 
     def _fetch(self, prompts: list[str]) -> list[dict]:
         """Raw answers {"alternatives", "text"} for rendered judge prompts; usable ones only."""
