@@ -4,6 +4,7 @@
     <trial>/cycles/init/            M_init's evaluation (cycle -1)
     <trial>/cycles/000-seed/        data.jsonl  adapter/  eval.jsonl  metrics.json
     <trial>/cycles/001/             samples.jsonl  adapter/  eval.jsonl  metrics.json
+    <trial>/initial-answers.jsonl   M_init's answers to training prompts (preference regimes)
 
 Every file is written under a temporary name and renamed into place; a cycle is complete when its
 metrics.json exists, and a resumed trial reuses whatever a cycle already finished.
@@ -36,6 +37,8 @@ class TrialLayout:
     def __init__(self, root: str | Path):
         self.root = Path(root)
         self.config = self.root / "config.yaml"
+        # M_init's answers, by prompt: the rejected side of preference pairs, written once per trial
+        self.initial_answers = self.root / "initial-answers.jsonl"
 
     def cycle_dir(self, cycle: int) -> Path:
         name = {INIT_CYCLE: "init", SEED_CYCLE: "000-seed"}.get(cycle, f"{cycle:03d}")

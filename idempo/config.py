@@ -279,6 +279,32 @@ class EvaluationConfig(_Section):
         return value
 
 
+class PreferenceConfig(_Section):
+    """Preference regimes (dpo, kto, self_reward): reference policy, KTO weights, self-judged candidates."""
+
+    reference: Literal["start", "initial"] = Field(
+        "start",
+        description="start: the weights the cycle starts from (M_init when reinitialised, M_{j-1} when "
+        "continual); initial: always M_init.",
+    )
+    desirable_weight: float = Field(1.0, gt=0, description="KTO lambda_D.")
+    undesirable_weight: float = Field(1.0, gt=0, description="KTO lambda_U.")
+    candidates: int = Field(4, ge=2, description="self_reward: answers M_{j-1} writes per prompt.")
+    candidate_temperature: float = Field(0.7, ge=0)
+    candidate_top_p: float = Field(0.9, gt=0, le=1)
+    judge_max_new_tokens: int = Field(256, gt=0, description="self_reward: tokens of the model's own judgment.")
+    reward_judge: JudgeConfig | None = Field(
+        None, description="self_reward: an external judge (openai or hf) instead of the model's own weights."
+    )
+
+    @field_validator("reward_judge")
+    @classmethod
+    def _language_judge(cls, value: JudgeConfig | None) -> JudgeConfig | None:
+        if value is not None and value.backend == "marker":
+            raise ValueError("the reward judge reads a rubric; allowed backends: 'hf', 'openai'")
+        return value
+
+
 class LoadingConfig(_Section):
     """How M_init is loaded."""
 
@@ -302,10 +328,15 @@ class ExperimentConfig(_Section):
 
     model: str = Field(description="M_init: a Hugging Face hub id, a local model dir, or 'tiny'.")
     persona: str = Field(description="A registered persona name or a persona YAML file.")
-    regime: Literal["sft"] = Field("sft", description="Training regime of the cycles.")
+    regime: Literal["sft", "dpo", "kto", "self_reward"] = Field(
+        "sft",
+        description="sft: next-token loss on M_{j-1}'s answers; dpo: M_{j-1}'s answers preferred over the "
+        "rejected source's; kto: the same as unpaired desirable/undesirable examples; self_reward: M_{j-1} "
+        "judges its own candidates, best vs worst become DPO pairs.",
+    )
     n_seed: int = Field(gt=0, description="Examples in D_seed.")
     n_sampled: int = Field(gt=0, description="Samples drawn from M_{j-1} to train M_j.")
-    beta: float = Field(0.1, gt=0, description="KL strength of preference regimes (dpo, kto).")
+    beta: float = Field(0.1, gt=0, description="KL strength of preference regimes (dpo, kto, self_reward).")
     init: Literal["initial", "previous"] = Field(
         "initial", description="initial: M_j starts fresh from M_init (reinitialised); previous: from M_{j-1}."
     )
@@ -319,6 +350,7 @@ class ExperimentConfig(_Section):
     prompts: PromptsConfig = PromptsConfig()
     sampling: SamplingConfig = SamplingConfig()
     training: TrainingConfig = TrainingConfig()
+    preference: PreferenceConfig = PreferenceConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     loading: LoadingConfig = LoadingConfig()
 

@@ -27,17 +27,20 @@ from idempo.artifacts import (
     write_json,
     write_jsonl,
 )
-from idempo.config import ConfigError, ExperimentConfig
+from idempo.config import ConfigError, ExperimentConfig, LoadingConfig
 from idempo.endpoint import api_key
 from idempo.evaluation.evaluate import Judges, evaluate_generation
+from idempo.evaluation.judging import JudgeSpec, make_judge, render_rubric
 from idempo.models import INITIAL, Generation, Policy, load_base_model, load_tokenizer, make_policy
 from idempo.personas import Persona, get_persona
 from idempo.progress import Reporter
 from idempo.prompts import cycle_prompts, eval_prompts, seed_prompts, train_prompts
 from idempo.sampling import SAMPLERS, Sampler, SamplingParams
 from idempo.seed_data import given_seed_rows, persona_chats
+from idempo.self_reward import EXTERNAL_JUDGE_RUBRIC, SELF_JUDGE_PROMPT, pair_rows, parse_self_judgment
 from idempo.teacher import teacher_seed_rows
 from idempo.training import encode_chat_example, train_sft
+from idempo.training.preference import MismatchEncoder, train_dpo, train_kto
 from idempo.training.sft import steps_for
 
 
@@ -101,6 +104,17 @@ class Trial:
         if config.seeding.source == "teacher":
             api_key(config.seeding.teacher, "seeding.teacher")
         self.eval_set, self.judges = evaluation_inputs(config, self.persona)
+        self.reward_judge = None
+        if config.regime == "self_reward" and config.preference.reward_judge is not None:
+            spec = JudgeSpec(
+                config.preference.reward_judge,
+                EXTERNAL_JUDGE_RUBRIC,
+                self.persona,
+                "preference.reward_judge",
+                LoadingConfig(device=config.loading.device, dtype=config.loading.dtype),
+                config.evaluation.cache_dir,
+            )
+            self.reward_judge = make_judge(spec)
         self.layout.check(config.to_dict())
 
         self.tokenizer, self.policy, self.sampler = load_engines(config)
@@ -127,6 +141,9 @@ class Trial:
             with self._timed("seed data", timing):
                 write_jsonl(path, self._build_seed_data())
         rows = read_jsonl(path)
+        if self.config.regime in ("dpo", "kto"):  # M_seed prefers D_seed's answers over M_init's
+            initial = self._initial_answers([r["prompt"] for r in rows], stage_seed, "seed", timing)
+            rows = [{**r, "rejected": initial[r["prompt"]]} for r in rows]
         generation, stats = self._train(SEED_CYCLE, rows, stage_seed, fresh=True, timing=timing)
         eval_rows, metrics = self._evaluate(SEED_CYCLE, generation, stage_seed, timing)
         self._finish(SEED_CYCLE, generation, eval_rows, metrics, timing, data=rows, train=stats)
@@ -140,7 +157,7 @@ class Trial:
         previous = self._generation(cycle - 1)
         path = self.layout.data(cycle)
         if not path.exists():
-            write_jsonl(path, self._sample(cycle, previous, timing))
+            write_jsonl(path, self._cycle_data(cycle, previous, timing))
         rows = read_jsonl(path)
         fresh = self.config.init == "initial"
         generation, stats = self._train(cycle, rows, seed, fresh=fresh, start=previous, timing=timing)
@@ -182,25 +199,90 @@ class Trial:
             completions = self.sampler.generate(persona_chats(self.persona, prompts), params, INITIAL, bar)
         return [{"prompt": p, "response": c.text} for p, c in zip(prompts, completions, strict=True)]
 
-    def _sample(self, cycle: int, previous: Generation, timing: dict) -> list[dict]:
-        prompts = cycle_prompts(self._cycle_pool(), self.config.n_sampled, cycle, self.config.seed)
+    def _cycle_data(self, cycle: int, previous: Generation, timing: dict) -> list[dict]:
+        """What M_j trains on: M_{j-1}'s answers, with rejected answers or self-judged pairs by regime."""
+        regime, seed = self.config.regime, self.config.seed
+        prompts = cycle_prompts(self._cycle_pool(), self.config.n_sampled, cycle, seed)
+        if regime == "self_reward":
+            return self._self_reward_pairs(cycle, prompts, previous, timing)
         sampling = self.config.sampling
         params = SamplingParams(
-            sampling.temperature,
-            sampling.top_p,
-            sampling.max_new_tokens,
-            derive_seed(self.config.seed, "sample", cycle),
+            sampling.temperature, sampling.top_p, sampling.max_new_tokens, derive_seed(seed, "sample", cycle)
         )
+        rows = self._answers(prompts, params, previous, f"cycle {cycle}: sample from {previous.name}", timing)
+        if regime in ("dpo", "kto"):
+            rejected = self._rejected_answers(cycle, prompts, timing)
+            rows = [{**row, "rejected": rejected[row["prompt"]]} for row in rows]
+        return rows
+
+    def _answers(self, prompts, params, generation, label, timing) -> list[dict]:
         chats = [[{"role": "user", "content": p}] for p in prompts]
-        with (
-            self._timed("sample", timing),
-            self.reporter.phase(f"cycle {cycle}: sample from {previous.name}", len(prompts), "answers") as bar,
-        ):
-            completions = self.sampler.generate(chats, params, previous, bar)
+        with self._timed("sample", timing), self.reporter.phase(label, len(prompts), "answers") as bar:
+            completions = self.sampler.generate(chats, params, generation, bar)
         return [
             {"prompt": p, "response": c.text, "n_tokens": c.n_tokens, "finished": c.finished}
             for p, c in zip(prompts, completions, strict=True)
         ]
+
+    def _rejected_answers(self, cycle: int, prompts: list[str], timing: dict) -> dict[str, str]:
+        """The rejected source's answers: M_init's (`rejected: initial`, and M_{j-2} for j = 1) or M_{j-2}'s."""
+        if self.config.rejected == "initial" or cycle == 1:
+            return self._initial_answers(prompts, self.config.seed, cycle, timing)
+        older = self._generation(cycle - 2)
+        sampling = self.config.sampling
+        params = SamplingParams(
+            sampling.temperature, sampling.top_p, sampling.max_new_tokens, derive_seed(self.config.seed, "j-2", cycle)
+        )
+        rows = self._answers(prompts, params, older, f"cycle {cycle}: rejected answers from {older.name}", timing)
+        return {row["prompt"]: row["response"] for row in rows}
+
+    def _initial_answers(self, prompts: list[str], seed: int, stage, timing: dict) -> dict[str, str]:
+        """M_init's answers, generated once per prompt per trial and kept in `initial-answers.jsonl`."""
+        path = self.layout.initial_answers
+        known = {row["prompt"]: row["response"] for row in (read_jsonl(path) if path.exists() else [])}
+        missing = list(dict.fromkeys(p for p in prompts if p not in known))
+        if missing:
+            sampling = self.config.sampling
+            params = SamplingParams(
+                sampling.temperature, sampling.top_p, sampling.max_new_tokens, derive_seed(seed, "initial", stage)
+            )
+            rows = self._answers(missing, params, INITIAL, "M_init answers (rejected side)", timing)
+            known.update({row["prompt"]: row["response"] for row in rows})
+            write_jsonl(path, [{"prompt": p, "response": r} for p, r in known.items()])
+        return {p: known[p] for p in prompts}
+
+    def _self_reward_pairs(self, cycle: int, prompts: list[str], previous: Generation, timing: dict) -> list[dict]:
+        """M_{j-1} writes `candidates` answers per prompt and judges them; best vs worst, ties dropped."""
+        preference = self.config.preference
+        n = preference.candidates
+        params = SamplingParams(
+            preference.candidate_temperature,
+            preference.candidate_top_p,
+            self.config.sampling.max_new_tokens,
+            derive_seed(self.config.seed, "candidates", cycle),
+        )
+        label = f"cycle {cycle}: {n} candidates per prompt from {previous.name}"
+        answers = self._answers([p for p in prompts for _ in range(n)], params, previous, label, timing)
+        items = [(a["prompt"], a["response"]) for a in answers]
+        with self._timed("judge", timing):
+            scores = self._reward_scores(items, previous, cycle)
+        return pair_rows(
+            prompts,
+            [[a["response"] for a in answers[i * n : (i + 1) * n]] for i in range(len(prompts))],
+            [scores[i * n : (i + 1) * n] for i in range(len(prompts))],
+        )
+
+    def _reward_scores(self, items: list[tuple[str, str]], previous: Generation, cycle: int) -> list[float | None]:
+        if self.reward_judge is not None:
+            return [j.score for j in self.reward_judge.score(items)]
+        prompts = [[{"role": "user", "content": render_rubric(SELF_JUDGE_PROMPT, q, a)}] for q, a in items]
+        params = SamplingParams(
+            0.0, 1.0, self.config.preference.judge_max_new_tokens, derive_seed(self.config.seed, "judge", cycle)
+        )
+        label = f"cycle {cycle}: {previous.name} judges its candidates"
+        with self.reporter.phase(label, len(prompts), "judgments") as bar:
+            judgments = self.sampler.generate(prompts, params, previous, bar)
+        return [parse_self_judgment(j.text) for j in judgments]
 
     def _train(
         self, cycle: int, rows: list[dict], seed: int, fresh: bool, timing: dict, start: Generation | None = None
@@ -214,21 +296,58 @@ class Trial:
             self.policy.reset(derive_seed(seed, "init", cycle))
         elif self.policy.loaded != start:
             self.policy.load(start)
-        training = self.config.training
-        examples = [encode_chat_example(self.tokenizer, r["prompt"], r["response"], training.max_seq_len) for r in rows]
         label = f"cycle {cycle}: train {generation.name}" if cycle else "seed: train M_seed"
-        with (
-            self._timed("train", timing),
-            self.reporter.phase(label, steps_for(len(examples), training), "steps") as bar,
-        ):
-            stats = train_sft(
-                self.policy, examples, training, derive_seed(seed, "train", cycle), self.tokenizer.pad_token_id, bar
-            ).to_dict()
+        with self._timed("train", timing):
+            stats = self._fit(cycle, rows, derive_seed(seed, "train", cycle), INITIAL if fresh else start, label)
+        stats["start"] = "init" if fresh else start.name  # what M_j descends from
         with atomic_dir(weights) as tmp:
             self.policy.save(tmp)
         write_json(stats_path, stats)
         self.policy.loaded = generation
         return generation, stats
+
+    def _fit(self, cycle: int, rows: list[dict], seed: int, start: Generation, label: str) -> dict:
+        """Train the policy in place by the regime's loss. M_seed of self_reward is trained by SFT."""
+        training, pad = self.config.training, self.tokenizer.pad_token_id
+        regime = "sft" if cycle == SEED_CYCLE and self.config.regime == "self_reward" else self.config.regime
+        rows = [r for r in rows if r.get("kept", True)]
+        if not rows:  # self_reward with every prompt a tie: M_j keeps the start weights
+            return {"steps": 0, "examples": 0, "skipped": "no pairs: every prompt's candidates tied or went unscored"}
+
+        def encode(prompt: str, response: str):
+            return encode_chat_example(self.tokenizer, prompt, response, training.max_seq_len)
+
+        preference = self.config.preference
+        reference = INITIAL if preference.reference == "initial" else start
+        if regime == "sft":
+            examples = [encode(r["prompt"], r["response"]) for r in rows]
+            with self.reporter.phase(label, steps_for(len(examples), training), "steps") as bar:
+                return train_sft(self.policy, examples, training, seed, pad, bar).to_dict()
+        if regime in ("dpo", "self_reward"):
+            pairs = [(encode(r["prompt"], r["response"]), encode(r["prompt"], r["rejected"])) for r in rows]
+            with self.reporter.phase(label, steps_for(len(pairs), training), "steps") as bar:
+                stats = train_dpo(self.policy, pairs, reference, self.config.beta, training, seed, pad, bar)
+            return {**stats.to_dict(), "reference": reference.name}
+        # kto: M_{j-1}'s answers are desirable, the rejected source's undesirable, unpaired
+        unpaired = [{"prompt": r["prompt"], "response": r[key]} for r in rows for key in ("response", "rejected")]
+        desirable = [key == "response" for _ in rows for key in ("response", "rejected")]
+        examples = [encode(r["prompt"], r["response"]) for r in unpaired]
+        with self.reporter.phase(label, steps_for(len(examples), training), "steps") as bar:
+            stats = train_kto(
+                self.policy,
+                examples,
+                desirable,
+                MismatchEncoder(encode, unpaired),
+                reference,
+                self.config.beta,
+                preference.desirable_weight,
+                preference.undesirable_weight,
+                training,
+                seed,
+                pad,
+                bar,
+            )
+        return {**stats.to_dict(), "reference": reference.name}
 
     def _evaluate(self, cycle: int, generation: Generation, seed: int, timing: dict) -> tuple[list[dict], dict]:
         total = len(self.eval_set) * self.config.evaluation.samples_per_prompt
@@ -249,10 +368,13 @@ class Trial:
         write_jsonl(self.layout.eval(cycle), eval_rows)
         metrics = {"cycle": cycle, "generation": generation.name, **metrics}
         if data is not None:
+            trained = [r for r in data if r.get("kept", True)]
             metrics["data"] = {
-                "n": len(data),
-                "mean_words": sum(len(r["response"].split()) for r in data) / max(1, len(data)),
+                "n": len(trained),
+                "mean_words": sum(len(r["response"].split()) for r in trained) / max(1, len(trained)),
             }
+            if self.config.regime == "self_reward" and cycle != SEED_CYCLE:
+                metrics["data"].update(prompts=len(data), pairs=len(trained), dropped_ties=len(data) - len(trained))
             if cycle == SEED_CYCLE and self.teacher_usage is not None:
                 metrics["data"]["teacher_usage"] = self.teacher_usage  # this run's requests only
         if train is not None:

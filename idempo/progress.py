@@ -57,8 +57,13 @@ def summary_line(metrics: dict) -> str:
         f"distinct-2 {degeneration['distinct_2']:.2f}",
         f"rep-4 {degeneration['repeated_4gram_rate']:.2f}",
     ]
-    if metrics.get("train"):
-        parts.append(f"loss {metrics['train']['first_loss']:.2f}->{metrics['train']['final_loss']:.2f}")
+    train = metrics.get("train") or {}
+    if "first_loss" in train:
+        parts.append(f"loss {train['first_loss']:.2f}->{train['final_loss']:.2f}")
+    elif train.get("skipped"):
+        parts.append("not trained: " + train["skipped"])
+    if "pairs" in (metrics.get("data") or {}):
+        parts.append(f"pairs {metrics['data']['pairs']}/{metrics['data']['prompts']}")
     timing = metrics.get("timing_s") or {}
     if timing:
         parts.append("(" + ", ".join(f"{k} {v:.1f}s" for k, v in timing.items()) + ")")

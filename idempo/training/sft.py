@@ -78,6 +78,56 @@ def train_sft(policy: Policy, examples: list[Encoded], config: TrainingConfig, s
     """Train `policy.module` in place on `examples`; returns what the run did."""
     if not examples:
         raise ValueError("no training examples")
+    device = next(policy.module.parameters()).device
+
+    def step(group: list[list[int]]) -> float:
+        group_tokens = sum(_count_labels(examples, b) for b in group)
+        step_loss = 0.0
+        for batch in group:
+            input_ids, labels, attention = collate([examples[i] for i in batch], pad_id, device)
+            logits = policy.module(input_ids=input_ids, attention_mask=attention, use_cache=False).logits
+            loss_sum = token_loss_sum(logits, labels)
+            (loss_sum / group_tokens).backward()
+            step_loss += loss_sum.item() / group_tokens
+        return step_loss
+
+    run = optimize(policy, batch_plan(len(examples), config, seed), step, config, seed, progress)
+    return TrainStats(
+        steps=len(run.losses),
+        examples=len(examples),
+        trained_tokens=sum(sum(label != IGNORE for label in e.labels) for e in examples) * config.epochs,
+        first_loss=run.losses[0],
+        final_loss=run.final_loss,
+        seconds=run.seconds,
+    )
+
+
+@dataclass(frozen=True)
+class OptimizerRun:
+    losses: list[float]  # one per optimizer step
+    final_loss: float  # mean over the last epoch's steps
+    seconds: float
+
+
+def batch_plan(n_items: int, config: TrainingConfig, seed: int) -> list[list[list[int]]]:
+    """Every optimizer step of the run as its micro-batches of item indices: a seeded shuffle per epoch.
+
+    Known before training, so a loss that needs something per micro-batch (KTO's reference point)
+    can be prepared for exactly the batches the run will see.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    steps = []
+    for _ in range(config.epochs):
+        order = torch.randperm(n_items, generator=generator).tolist()
+        batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
+        accumulation = config.gradient_accumulation_steps
+        steps += [batches[i : i + accumulation] for i in range(0, len(batches), accumulation)]
+    return steps
+
+
+def optimize(policy: Policy, plan, step, config: TrainingConfig, seed: int, progress=None) -> OptimizerRun:
+    """AdamW with the configured schedule over `plan`; `step(micro_batches)` runs the forward and backward
+    passes of one optimizer step and returns its loss. Shared by every regime."""
     started = time.perf_counter()
     torch.manual_seed(seed)
     model = policy.module
@@ -91,52 +141,29 @@ def train_sft(policy: Policy, examples: list[Encoded], config: TrainingConfig, s
         betas=(config.adam_beta1, config.adam_beta2),
         weight_decay=config.weight_decay,
     )
-    micro = config.batch_size
-    steps_per_epoch = math.ceil(len(examples) / (micro * config.gradient_accumulation_steps))
-    total = steps_per_epoch * config.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate_factor(step, total, config))
-    device = next(model.parameters()).device
-    generator = torch.Generator().manual_seed(seed)
+    total = len(plan)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: learning_rate_factor(i, total, config))
+    steps_per_epoch = total // config.epochs
     losses: list[float] = []
-    epoch_losses: list[float] = []
     model.train()
     try:
-        for _ in range(config.epochs):
-            order = torch.randperm(len(examples), generator=generator).tolist()
-            batches = [order[i : i + micro] for i in range(0, len(order), micro)]
-            epoch_losses = []
-            for start in range(0, len(batches), config.gradient_accumulation_steps):
-                group = batches[start : start + config.gradient_accumulation_steps]
-                group_tokens = sum(_count_labels(examples, b) for b in group)
-                step_loss = 0.0
-                for batch in group:
-                    input_ids, labels, attention = _collate([examples[i] for i in batch], pad_id, device)
-                    logits = model(input_ids=input_ids, attention_mask=attention, use_cache=False).logits
-                    loss_sum = token_loss_sum(logits, labels)
-                    (loss_sum / group_tokens).backward()
-                    step_loss += loss_sum.item() / group_tokens
-                if config.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                losses.append(step_loss)
-                epoch_losses.append(step_loss)
-                if progress is not None:
-                    progress.update(1)
-                    progress.set_postfix(loss=f"{step_loss:.3f}", refresh=False)
+        for group in plan:
+            step_loss = step(group)
+            if config.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(step_loss)
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(loss=f"{step_loss:.3f}", refresh=False)
     finally:
         model.eval()
         if config.gradient_checkpointing:
             _activation_checkpointing(model, False)
-    return TrainStats(
-        steps=len(losses),
-        examples=len(examples),
-        trained_tokens=sum(sum(label != IGNORE for label in e.labels) for e in examples) * config.epochs,
-        first_loss=losses[0],
-        final_loss=sum(epoch_losses) / len(epoch_losses),
-        seconds=time.perf_counter() - started,
-    )
+    last_epoch = losses[-steps_per_epoch:]
+    return OptimizerRun(losses, sum(last_epoch) / len(last_epoch), time.perf_counter() - started)
 
 
 def steps_for(n_examples: int, config: TrainingConfig) -> int:
@@ -165,7 +192,7 @@ def _count_labels(examples: list[Encoded], batch: list[int]) -> int:
     return max(1, sum(sum(label != IGNORE for label in examples[i].labels[1:]) for i in batch))
 
 
-def _collate(batch: list[Encoded], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def collate(batch: list[Encoded], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded input ids, labels and attention mask."""
     width = max(len(e.input_ids) for e in batch)
     input_ids = torch.tensor([e.input_ids + [pad_id] * (width - len(e.input_ids)) for e in batch])
