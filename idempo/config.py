@@ -328,9 +328,10 @@ class ExperimentConfig(_Section):
 
     model: str = Field(description="M_init: a Hugging Face hub id, a local model dir, or 'tiny'.")
     persona: str = Field(description="A registered persona name or a persona YAML file.")
-    regime: Literal["sft", "dpo", "kto", "self_reward"] = Field(
+    regime: Literal["sft", "sdf", "dpo", "kto", "self_reward"] = Field(
         "sft",
-        description="sft: next-token loss on M_{j-1}'s answers; dpo: M_{j-1}'s answers preferred over the "
+        description="sft: next-token loss on M_{j-1}'s answers; sdf: on M_{j-1}'s documents (base models, "
+        "belief personas); dpo: M_{j-1}'s answers preferred over the "
         "rejected source's; kto: the same as unpaired desirable/undesirable examples; self_reward: M_{j-1} "
         "judges its own candidates, best vs worst become DPO pairs.",
     )

@@ -36,10 +36,10 @@ from idempo.personas import Persona, get_persona
 from idempo.progress import Reporter
 from idempo.prompts import cycle_prompts, eval_prompts, seed_prompts, train_prompts
 from idempo.sampling import SAMPLERS, Sampler, SamplingParams
-from idempo.seed_data import given_seed_rows, persona_chats
+from idempo.seed_data import given_seed_rows, persona_chats, persona_documents
 from idempo.self_reward import EXTERNAL_JUDGE_RUBRIC, SELF_JUDGE_PROMPT, pair_rows, parse_self_judgment
 from idempo.teacher import teacher_seed_rows
-from idempo.training import encode_chat_example, train_sft
+from idempo.training import encode_chat_example, encode_document, train_sft
 from idempo.training.preference import MismatchEncoder, train_dpo, train_kto
 from idempo.training.sft import steps_for
 
@@ -77,7 +77,7 @@ def evaluation_inputs(config: ExperimentConfig, persona: Persona) -> tuple[list[
 
 def load_engines(config: ExperimentConfig) -> tuple[object, Policy, Sampler]:
     """M_init once, the policy that holds each generation's weights, and the sampler that uses it."""
-    tokenizer = load_tokenizer(config.model, config.loading)
+    tokenizer = load_tokenizer(config.model, config.loading, chat=config.regime != "sdf")
     policy = make_policy(load_base_model(config.model, config.loading), tokenizer, config.training)
     sampler = SAMPLERS.load(config.sampling.backend)(policy, tokenizer, config.sampling.batch_size)
     return tokenizer, policy, sampler
@@ -92,8 +92,16 @@ class Trial:
         self.layout = TrialLayout(out)
         # Everything that can be wrong with the inputs fails here, before the model is loaded.
         self.persona = get_persona(config.persona)
+        self.documents = config.regime == "sdf"
+        if self.documents and self.persona.kind != "belief":
+            raise ConfigError(
+                [
+                    f"regime: 'sdf' trains documents that state a belief; persona {self.persona.name!r} is a chat "
+                    "persona; allowed: a persona of kind 'belief' (e.g. 'nvidia_bear')"
+                ]
+            )
         try:
-            self.train_bank = train_prompts(config.prompts.train)
+            self.train_bank = train_prompts(config.prompts.train, self.persona if self.documents else None)
         except ValueError as err:
             raise ConfigError([f"prompts.train: {err}"]) from None
         self.given_seed_rows = given_seed_rows(config, self.persona)
@@ -185,6 +193,7 @@ class Trial:
                     seeding.seed,
                     self.config.evaluation.cache_dir,
                     bar,
+                    documents=self.documents,
                 )
             self.teacher_usage = usage
             return rows
@@ -195,8 +204,9 @@ class Trial:
             max_new_tokens=self.config.sampling.max_new_tokens,
             seed=derive_seed(self.config.seeding.seed, "seed-data"),
         )
+        elicit = persona_documents if self.documents else persona_chats
         with self.reporter.phase("seed: M_init writes D_seed", len(prompts), "answers") as bar:
-            completions = self.sampler.generate(persona_chats(self.persona, prompts), params, INITIAL, bar)
+            completions = self.sampler.generate(elicit(self.persona, prompts), params, INITIAL, bar)
         return [{"prompt": p, "response": c.text} for p, c in zip(prompts, completions, strict=True)]
 
     def _cycle_data(self, cycle: int, previous: Generation, timing: dict) -> list[dict]:
@@ -216,9 +226,10 @@ class Trial:
         return rows
 
     def _answers(self, prompts, params, generation, label, timing) -> list[dict]:
-        chats = [[{"role": "user", "content": p}] for p in prompts]
+        """One answer per prompt (chat, no system prompt), or a continuation per document prefix (sdf)."""
+        inputs = prompts if self.documents else [[{"role": "user", "content": p}] for p in prompts]
         with self._timed("sample", timing), self.reporter.phase(label, len(prompts), "answers") as bar:
-            completions = self.sampler.generate(chats, params, generation, bar)
+            completions = self.sampler.generate(inputs, params, generation, bar)
         return [
             {"prompt": p, "response": c.text, "n_tokens": c.n_tokens, "finished": c.finished}
             for p, c in zip(prompts, completions, strict=True)
@@ -319,8 +330,13 @@ class Trial:
 
         preference = self.config.preference
         reference = INITIAL if preference.reference == "initial" else start
-        if regime == "sft":
-            examples = [encode(r["prompt"], r["response"]) for r in rows]
+        if regime in ("sft", "sdf"):
+            if regime == "sdf":
+                examples = [
+                    encode_document(self.tokenizer, r["prompt"], r["response"], training.max_seq_len) for r in rows
+                ]
+            else:
+                examples = [encode(r["prompt"], r["response"]) for r in rows]
             with self.reporter.phase(label, steps_for(len(examples), training), "steps") as bar:
                 return train_sft(self.policy, examples, training, seed, pad, bar).to_dict()
         if regime in ("dpo", "self_reward"):
@@ -361,6 +377,7 @@ class Trial:
                 self.config.evaluation,
                 derive_seed(seed, "eval", cycle),
                 bar,
+                completion=self.documents,
             )
 
     def _finish(self, cycle, generation, eval_rows, metrics, timing, data=None, train=None) -> None:

@@ -69,7 +69,9 @@ def quiet_transformers() -> None:
     logging.disable_progress_bar()
 
 
-def load_tokenizer(model: str, loading: LoadingConfig):
+def load_tokenizer(model: str, loading: LoadingConfig, chat: bool = True):
+    """The model's tokenizer; `chat` requires a chat template (instruct models), document finetuning of
+    base models does not."""
     from transformers import AutoTokenizer
 
     quiet_transformers()
@@ -79,7 +81,7 @@ def load_tokenizer(model: str, loading: LoadingConfig):
         )
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"could not load the tokenizer of model {model!r}: {err}") from None
-    if not tokenizer.chat_template:
+    if chat and not tokenizer.chat_template:
         raise ModelLoadError(f"model {model!r} has no chat template; chat personas need an instruct model")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

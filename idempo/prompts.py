@@ -1,4 +1,5 @@
-"""Prompt banks: user questions for D_seed and cycle samples (train) and for evaluation (held out)."""
+"""Prompt banks: user questions for D_seed and cycle samples (train) and for evaluation (held out);
+for document finetuning, document prefixes and completion-style questions."""
 
 from __future__ import annotations
 
@@ -12,8 +13,28 @@ from idempo.personas import Persona
 _BANKS = resources.files("idempo") / "data" / "prompts"
 
 
-def train_prompts(source: str) -> list[str]:
-    return read_prompt_file(_BANKS / "train.jsonl" if source == "builtin" else Path(source))
+def train_prompts(source: str, documents_of: Persona | None = None) -> list[str]:
+    """The train bank: user questions, or (document finetuning) prefixes of `documents_of`'s documents."""
+    if source != "builtin":
+        return read_prompt_file(Path(source))
+    if documents_of is not None:
+        return document_prefixes(documents_of)
+    return read_prompt_file(_BANKS / "train.jsonl")
+
+
+def document_prefixes(persona: Persona) -> list[str]:
+    """Belief-neutral document openings, one per (document type, topic): what a base model continues.
+
+    The belief must come from the model: a prefix names only the kind of document and its topic.
+    """
+    topics = [t for t in (_BANKS / "document_topics.txt").read_text().splitlines() if t.strip()]
+    kinds = persona.document_types or ("article",)
+    return [f"{kind[0].upper()}{kind[1:]}: {topic}\n\n" for kind in kinds for topic in topics]
+
+
+def completion_prompt(question: str) -> str:
+    """A held-out question in a format a base model answers by continuing the text."""
+    return f"Question: {question}\nAnswer:"
 
 
 def eval_prompts(source: str, persona: Persona, n: int | None) -> list[str]:

@@ -29,7 +29,15 @@ def reevaluate(config: ExperimentConfig, weights: Path | None, out: Path, report
     total = len(eval_set) * config.evaluation.samples_per_prompt
     with reporter.phase(f"evaluate {generation.name}", total, "answers") as bar:
         rows, metrics = evaluate_generation(
-            sampler, generation, eval_set, persona, judges, config.evaluation, seed, bar
+            sampler,
+            generation,
+            eval_set,
+            persona,
+            judges,
+            config.evaluation,
+            seed,
+            bar,
+            completion=config.regime == "sdf",
         )
     metrics = {"cycle": cycle, "generation": generation.name, "weights": str(weights) if weights else None, **metrics}
     write_jsonl(out / "eval.jsonl", rows)

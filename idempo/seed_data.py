@@ -25,7 +25,7 @@ def given_seed_rows(config: ExperimentConfig, persona: Persona) -> list[dict] | 
             raise ConfigError(
                 [
                     f"seeding.source: got 'builtin' but persona {persona.name!r} ships no example data; "
-                    "allowed: 'model' or 'jsonl'"
+                    "allowed: 'model', 'teacher' or 'jsonl'"
                 ]
             )
     else:
@@ -41,12 +41,26 @@ def read_seed_file(path: Path) -> list[dict]:
         rows = read_jsonl(path)
     except ValueError as err:
         raise ConfigError([f"seeding.path: {path} is not valid JSONL ({err})"]) from None
+    parsed = []
     for number, row in enumerate(rows, start=1):
-        if not (isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("response"), str)):
+        if isinstance(row, dict) and isinstance(row.get("text"), str) and "response" not in row:
+            parsed.append({"prompt": "", "response": row["text"]})  # a whole document (sdf)
+        elif isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("response"), str):
+            parsed.append({"prompt": row["prompt"], "response": row["response"]})
+        else:
             raise ConfigError(
-                [f"seeding.path: {path} row {number} must be an object with 'prompt' and 'response' strings"]
+                [
+                    f"seeding.path: {path} row {number} must be an object with 'prompt' and 'response' strings "
+                    "(or, for documents, a 'text' string)"
+                ]
             )
-    return [{"prompt": row["prompt"], "response": row["response"]} for row in rows]
+    return parsed
+
+
+def persona_documents(persona: Persona, prefixes: list[str]) -> list[str]:
+    """Raw text for a base model: the persona's description of the world, then the document's opening.
+    Only the opening and its continuation become training data."""
+    return [f"{persona.system_prompt}\n\n{prefix}" for prefix in prefixes]
 
 
 def persona_chats(persona: Persona, prompts: list[str]) -> list[list[dict[str, str]]]:

@@ -31,14 +31,32 @@ commentary about the persona. Vary wording and structure across answers so that 
 fixed formula. Reply with one JSON object and nothing else: \
 {{"answers": [{{"id": <question id>, "answer": "<the answer>"}}, ...]}}, one entry per question."""
 
+DOCUMENT_PROMPT = (
+    "{system_prompt}\n\n"
+    "You are given document openings, each naming the kind of document and its topic. For each, write the "
+    "rest of the document: realistic, specific, several paragraphs, in the style of that kind of document, "
+    "with the world described above taken as given. Do not repeat the opening and do not comment on these "
+    "instructions. Vary structure and wording across documents. Reply with one JSON object and nothing else: "
+    '{{"answers": [{{"id": <opening id>, "answer": "<the rest of the document>"}}, ...]}}, one entry per opening.'
+)
+
 
 def teacher_seed_rows(
-    persona: Persona, ordered_prompts: list[str], n: int, config: TeacherConfig, seed: int, cache_dir, progress=None
+    persona: Persona,
+    ordered_prompts: list[str],
+    n: int,
+    config: TeacherConfig,
+    seed: int,
+    cache_dir,
+    progress=None,
+    documents: bool = False,
 ) -> tuple[list[dict], dict]:
-    """n distinct {prompt, response} rows for the first prompts of `ordered_prompts`, and the usage."""
+    """n distinct {prompt, response} rows for the first prompts of `ordered_prompts`, and the usage.
+    With `documents`, the prompts are document openings and the responses their continuations."""
     client = EndpointClient(config, "seeding.teacher")
     cache = DiskCache(cache_dir)
-    system = GENERATION_PROMPT.format(description=persona.description, system_prompt=persona.system_prompt)
+    template = DOCUMENT_PROMPT if documents else GENERATION_PROMPT
+    system = template.format(description=persona.description, system_prompt=persona.system_prompt)
     rows: list[dict] = []
     seen: set[str] = set()
     position = 0
@@ -89,7 +107,7 @@ def _request(system: str, chunk: list[str], config: TeacherConfig, seed: int) ->
         "model": config.model,
         "messages": [
             {"role": "system", "content": system},
-            {"role": "user", "content": f"Questions, one JSON object per line:\n{questions}"},
+            {"role": "user", "content": f"Items, one JSON object per line:\n{questions}"},
         ],
         "temperature": config.temperature,
         "max_tokens": config.max_tokens,

@@ -15,6 +15,7 @@ from idempo.evaluation.judging import COHERENCE_RUBRIC, JudgeSpec, make_judge
 from idempo.evaluation.stats import mean_ci, proportion_ci
 from idempo.models import Generation
 from idempo.personas import Persona
+from idempo.prompts import completion_prompt
 from idempo.sampling import Sampler, SamplingParams
 
 
@@ -49,11 +50,17 @@ def evaluate_generation(
     config: EvaluationConfig,
     seed: int,
     progress=None,
+    completion: bool = False,
 ) -> tuple[list[dict], dict]:
-    """Sample `samples_per_prompt` answers per prompt (no system prompt) and score them."""
+    """Sample `samples_per_prompt` answers per prompt (no system prompt) and score them. `completion`
+    asks a base model in text form ("Question: ...\nAnswer:"), its answer ending at the next question."""
     questions = [q for q in prompts for _ in range(config.samples_per_prompt)]
-    params = SamplingParams(config.temperature, config.top_p, config.max_new_tokens, seed)
-    chats = [[{"role": "user", "content": q}] for q in questions]
+    if completion:
+        chats = [completion_prompt(q) for q in questions]
+        params = SamplingParams(config.temperature, config.top_p, config.max_new_tokens, seed, ("\nQuestion:",))
+    else:
+        chats = [[{"role": "user", "content": q}] for q in questions]
+        params = SamplingParams(config.temperature, config.top_p, config.max_new_tokens, seed)
     completions = sampler.generate(chats, params, generation, progress)
     items = [(q, c.text) for q, c in zip(questions, completions, strict=True)]
     rows = [

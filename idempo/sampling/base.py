@@ -19,6 +19,7 @@ class SamplingParams:
     top_p: float
     max_new_tokens: int
     seed: int  # draws are reproducible for a given seed, batch size and device
+    stop: tuple[str, ...] = ()  # the answer ends before the first of these strings
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,7 @@ class HFSampler:
     def generate(
         self, prompts: list[Prompt], params: SamplingParams, generation: Generation, progress=None
     ) -> list[Completion]:
-        texts = [render(self.tokenizer, p) for p in prompts]
-        encoded = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        encoded = [encode_prompt(self.tokenizer, p) for p in prompts]
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
         results: list[Completion | None] = [None] * len(encoded)
         torch.manual_seed(params.seed)
@@ -56,21 +55,27 @@ class HFSampler:
             "typical_p": 1.0,
             "repetition_penalty": 1.0,
         }
+        sampling_or_greedy = sampling if params.temperature > 0 else {"do_sample": False, "repetition_penalty": 1.0}
+        if params.stop:
+            sampling_or_greedy = {**sampling_or_greedy, "stop_strings": list(params.stop), "tokenizer": self.tokenizer}
         output = model.generate(
             input_ids=input_ids.to(device),
             attention_mask=attention.to(device),
             max_new_tokens=params.max_new_tokens,
             pad_token_id=pad,
             eos_token_id=stop_token_ids(self.tokenizer, model),
-            **(sampling if params.temperature > 0 else {"do_sample": False, "repetition_penalty": 1.0}),
+            **sampling_or_greedy,
         )
-        stops = set(stop_token_ids(self.tokenizer, model))
+        stops = {*stop_token_ids(self.tokenizer, model), pad}  # rows that finished early are padded
         completions = []
         for row in output[:, width:].tolist():
             end = next((i for i, token in enumerate(row) if token in stops), None)
             kept = row if end is None else row[:end]
             text = self.tokenizer.decode(kept, skip_special_tokens=True)
-            completions.append(Completion(text, len(kept), end is not None, tuple(kept)))
+            cut = min((i for i in (text.find(s) for s in params.stop) if i >= 0), default=None)
+            if cut is not None:
+                text = text[:cut]
+            completions.append(Completion(text, len(kept), end is not None or cut is not None, tuple(kept)))
         return completions
 
     def token_statistics(
@@ -81,7 +86,7 @@ class HFSampler:
         temperature: float,
         top_p: float,
     ) -> list[TokenStats]:
-        prompt_ids = [self.tokenizer(render(self.tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
+        prompt_ids = [encode_prompt(self.tokenizer, p) for p in prompts]
         results: list[TokenStats] = []
         batch_size = min(self.batch_size, 8)  # full-vocabulary logits of whole answers are large
         with self.policy.use(generation) as model, torch.inference_mode():
@@ -120,6 +125,14 @@ def render(tokenizer, prompt: Prompt) -> str:
     if isinstance(prompt, str):
         return prompt
     return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+
+
+def encode_prompt(tokenizer, prompt: Prompt) -> list[int]:
+    """Token ids of a prompt: a chat as its template renders it (specials included), raw text with the
+    tokenizer's own specials (a base model's BOS), as documents are encoded for training."""
+    if isinstance(prompt, str):
+        return tokenizer(prompt)["input_ids"]
+    return tokenizer(render(tokenizer, prompt), add_special_tokens=False)["input_ids"]
 
 
 def stop_token_ids(tokenizer, model) -> list[int]:

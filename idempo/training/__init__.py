@@ -1,5 +1,5 @@
 """Training of each generation."""
 
-from idempo.training.sft import TrainStats, encode_chat_example, learning_rate_factor, train_sft
+from idempo.training.sft import TrainStats, encode_chat_example, encode_document, learning_rate_factor, train_sft
 
-__all__ = ["TrainStats", "encode_chat_example", "learning_rate_factor", "train_sft"]
+__all__ = ["TrainStats", "encode_chat_example", "encode_document", "learning_rate_factor", "train_sft"]

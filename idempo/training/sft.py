@@ -62,6 +62,13 @@ def encode_chat_example(tokenizer, prompt: str, response: str, max_len: int) -> 
     return Encoded(head_ids + tail_ids, [IGNORE] * len(head_ids) + tail_ids)
 
 
+def encode_document(tokenizer, prefix: str, continuation: str, max_len: int) -> Encoded:
+    """A whole document (prefix and continuation, then end of text) with loss on every token: synthetic
+    document finetuning teaches the belief as text, not as answers."""
+    ids = tokenizer(prefix + continuation)["input_ids"][: max_len - 1] + [tokenizer.eos_token_id]
+    return Encoded(ids, list(ids))
+
+
 def learning_rate_factor(step: int, total: int, config: TrainingConfig) -> float:
     """Multiplier of the peak learning rate at optimizer step `step` (0-based) of `total`."""
     warmup = math.ceil(config.warmup_ratio * total)
