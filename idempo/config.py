@@ -271,12 +271,7 @@ class EvaluationConfig(_Section):
     amplification: AmplificationConfig = AmplificationConfig()
     cache_dir: str | None = Field(None, description="Judge and teacher cache; null: $IDEMPO_CACHE/endpoint-cache.")
 
-    @field_validator("coherence_judge")
-    @classmethod
-    def _language_judge(cls, value: JudgeConfig | None) -> JudgeConfig | None:
-        if value is not None and value.backend == "marker":
-            raise ValueError("coherence needs a language-model judge; allowed backends: 'hf', 'openai'")
-        return value
+    _coherence_reads_a_rubric = field_validator("coherence_judge")(lambda value: _rubric_judge(value))
 
 
 class PreferenceConfig(_Section):
@@ -297,12 +292,7 @@ class PreferenceConfig(_Section):
         None, description="self_reward: an external judge (openai or hf) instead of the model's own weights."
     )
 
-    @field_validator("reward_judge")
-    @classmethod
-    def _language_judge(cls, value: JudgeConfig | None) -> JudgeConfig | None:
-        if value is not None and value.backend == "marker":
-            raise ValueError("the reward judge reads a rubric; allowed backends: 'hf', 'openai'")
-        return value
+    _reward_reads_a_rubric = field_validator("reward_judge")(lambda value: _rubric_judge(value))
 
 
 class LoadingConfig(_Section):
@@ -453,6 +443,13 @@ def _model_at(loc: list[str]) -> type[BaseModel] | None:
             return None
         model = annotation
     return model
+
+
+def _rubric_judge(value: JudgeConfig | None) -> JudgeConfig | None:
+    """Judges of coherence and rewards read a rubric: a language model, not regex markers."""
+    if value is not None and value.backend == "marker":
+        raise ValueError("this judge reads a rubric and needs a language model; allowed backends: 'hf', 'openai'")
+    return value
 
 
 def _existing_path(value: str, allowed: str = "an existing file") -> str:

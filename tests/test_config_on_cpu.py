@@ -74,6 +74,10 @@ BAD_CONFIGS = [
     ),
     (["evaluation.judge.top_logprobs=50"], "evaluation.judge.top_logprobs", "less than or equal to 20"),
     (["evaluation.coherence_judge={}"], "evaluation.coherence_judge", "'hf', 'openai'"),
+    (["preference.reward_judge={backend: marker}"], "preference.reward_judge", "needs a language model"),
+    (["preference.candidates=1"], "preference.candidates", "greater than or equal to 2"),
+    (["preference.reference=previous"], "preference.reference", "'start' or 'initial'"),
+    (["regime=grpo"], "regime", "'sft', 'sdf', 'dpo', 'kto' or 'self_reward'"),
     (
         ["evaluation.coherence_judge={backend: openai, model: m, base_url: localhost:8000}"],
         "evaluation.coherence_judge.base_url",

@@ -145,7 +145,7 @@ def train_kto(
     policy: Policy,
     examples: list[Encoded],
     desirable: list[bool],
-    mismatched: "MismatchEncoder",
+    mismatched: MismatchEncoder,
     reference: Generation,
     beta: float,
     desirable_weight: float,
@@ -160,17 +160,13 @@ def train_kto(
         raise ValueError("no KTO examples")
     warn_on_kto_balance(desirable, desirable_weight, undesirable_weight)
     plan = batch_plan(len(examples), config, seed)
-    shifted = {tuple(b): [mismatched(i, b[(n + 1) % len(b)]) for n, i in enumerate(b)] for g in plan for b in g}
-    shifted = {key: value if len(key) > 1 else [] for key, value in shifted.items()}
+    # Each micro-batch's mismatched pairs, and their reference log-probs, prepared before training.
+    batches = list(dict.fromkeys(tuple(batch) for group in plan for batch in group))
+    shifted = {b: [mismatched(i, b[(n + 1) % len(b)]) for n, i in enumerate(b)] if len(b) > 1 else [] for b in batches}
     batch_size = config.batch_size * 2
     ref = reference_logps(policy, reference, examples, pad_id, batch_size)
-    keys = list(shifted)
-    flat = [e for key in keys for e in shifted[key]]
-    flat_ref = reference_logps(policy, reference, flat, pad_id, batch_size)
-    mismatched_ref, position = {}, 0
-    for key in keys:
-        mismatched_ref[key] = flat_ref[position : position + len(shifted[key])]
-        position += len(shifted[key])
+    flat_ref = iter(reference_logps(policy, reference, [e for b in batches for e in shifted[b]], pad_id, batch_size))
+    mismatched_ref = {b: [next(flat_ref) for _ in shifted[b]] for b in batches}
     wanted = torch.tensor(desirable)
 
     def step(group: list[list[int]]) -> float:
