@@ -27,10 +27,10 @@ from idempo.artifacts import (
     write_json,
     write_jsonl,
 )
-from idempo.config import ConfigError, ExperimentConfig, LoadingConfig
+from idempo.config import ConfigError, ExperimentConfig
 from idempo.endpoint import api_key
 from idempo.evaluation.evaluate import Judges, evaluate_generation
-from idempo.evaluation.judging import JudgeSpec, make_judge, render_rubric
+from idempo.evaluation.judging import JudgeSpec, judge_loading, make_judge, render_rubric
 from idempo.models import INITIAL, Generation, Policy, load_base_model, load_tokenizer, make_policy
 from idempo.personas import Persona, get_persona
 from idempo.progress import Reporter
@@ -75,6 +75,22 @@ def evaluation_inputs(config: ExperimentConfig, persona: Persona) -> tuple[list[
     return eval_set, judges
 
 
+def reward_judge(config: ExperimentConfig, persona: Persona):
+    """self_reward's external judge, if the config names one (otherwise M_{j-1} judges itself)."""
+    if config.regime != "self_reward" or config.preference.reward_judge is None:
+        return None
+    return make_judge(
+        JudgeSpec(
+            config.preference.reward_judge,
+            EXTERNAL_JUDGE_RUBRIC,
+            persona,
+            "preference.reward_judge",
+            judge_loading(config.loading),
+            config.evaluation.cache_dir,
+        )
+    )
+
+
 def load_engines(config: ExperimentConfig) -> tuple[object, Policy, Sampler]:
     """M_init once, the policy that holds each generation's weights, and the sampler that uses it."""
     tokenizer = load_tokenizer(config.model, config.loading, chat=config.regime != "sdf")
@@ -112,17 +128,7 @@ class Trial:
         if config.seeding.source == "teacher":
             api_key(config.seeding.teacher, "seeding.teacher")
         self.eval_set, self.judges = evaluation_inputs(config, self.persona)
-        self.reward_judge = None
-        if config.regime == "self_reward" and config.preference.reward_judge is not None:
-            spec = JudgeSpec(
-                config.preference.reward_judge,
-                EXTERNAL_JUDGE_RUBRIC,
-                self.persona,
-                "preference.reward_judge",
-                LoadingConfig(device=config.loading.device, dtype=config.loading.dtype),
-                config.evaluation.cache_dir,
-            )
-            self.reward_judge = make_judge(spec)
+        self.reward_judge = reward_judge(config, self.persona)
         self.layout.check(config.to_dict())
 
         self.tokenizer, self.policy, self.sampler = load_engines(config)

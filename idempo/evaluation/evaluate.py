@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from idempo.config import EvaluationConfig, LoadingConfig
 from idempo.evaluation.branching import answer_branching, summarize_branching
 from idempo.evaluation.degeneration import degeneration_signals
-from idempo.evaluation.judging import COHERENCE_RUBRIC, JudgeSpec, make_judge
+from idempo.evaluation.judging import COHERENCE_RUBRIC, JudgeSpec, judge_loading, make_judge
 from idempo.evaluation.stats import mean_ci, proportion_ci
 from idempo.models import Generation
 from idempo.personas import Persona
@@ -28,11 +28,8 @@ class Judges:
     def from_config(cls, evaluation: EvaluationConfig, persona: Persona, loading: LoadingConfig) -> Judges:
         """Both judges, built before any model of the trial is loaded (so a missing key fails early)."""
 
-        # A local judge model shares the trial's device and dtype, not M_init's revision or remote code.
-        judge_loading = LoadingConfig(device=loading.device, dtype=loading.dtype)
-
         def spec(config, rubric, field):
-            return JudgeSpec(config, rubric, persona, field, judge_loading, evaluation.cache_dir)
+            return JudgeSpec(config, rubric, persona, field, judge_loading(loading), evaluation.cache_dir)
 
         trait = make_judge(spec(evaluation.judge, persona.rubric, "evaluation.judge"))
         coherence = None

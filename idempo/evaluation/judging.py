@@ -136,6 +136,11 @@ class RubricJudge:
         raise NotImplementedError
 
 
+def judge_loading(trial: LoadingConfig) -> LoadingConfig:
+    """A local judge model shares the trial's device and dtype, not M_init's revision or remote code."""
+    return LoadingConfig(device=trial.device, dtype=trial.dtype)
+
+
 def make_judge(spec: JudgeSpec):
     from idempo.evaluation import JUDGES
 
