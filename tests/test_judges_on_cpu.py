@@ -191,3 +191,14 @@ def test_openai_without_a_key_fails_before_any_request(monkeypatch):
     config = JudgeConfig(backend="openai", model="gpt-4.1-mini", api_key_env="IDEMPO_TEST_KEY")
     with pytest.raises(ConfigError, match="evaluation.judge.api_key_env: environment variable IDEMPO_TEST_KEY"):
         make_judge(JudgeSpec(config, LUCKY.rubric, LUCKY, "evaluation.judge"))
+
+
+def test_answers_are_cached_as_they_arrive_even_when_the_evaluation_fails(tmp_path):
+    with FakeOpenAI() as server:
+        judge = openai_judge(server, tmp_path, concurrency=1, max_retries=0)
+        server.fail_next(*[None] * 2, "500")  # the first two answers arrive, the third fails
+        with pytest.raises(EndpointError):
+            judge.score(ITEMS)
+        assert len(server.requests) == 3
+        openai_judge(server, tmp_path).score(ITEMS)  # the rerun asks only for the failed one
+        assert len(server.requests) == 4

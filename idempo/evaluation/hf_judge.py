@@ -25,10 +25,11 @@ class HFJudge(RubricJudge):
             self._model = load_base_model(self.spec.config.model, self.spec.loading)
         return self._model
 
-    def _fetch(self, prompts: list[str]) -> list[dict]:
+    def _fetch(self, prompts: list[str], keys: list[str]) -> list[dict]:
         raws = []
         for start in range(0, len(prompts), self.config.batch_size):
-            raws.extend(self._fetch_batch(prompts[start : start + self.config.batch_size]))
+            batch = self._fetch_batch(prompts[start : start + self.config.batch_size])
+            raws += [self.remember(k, raw) for k, raw in zip(keys[start:], batch, strict=False)]
         return raws
 
     @torch.inference_mode()

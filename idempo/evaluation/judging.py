@@ -117,11 +117,16 @@ class RubricJudge:
         raws: list[dict | None] = [self.cache.get(k) if self.cache else None for k in keys]
         self.usage.cached += sum(r is not None for r in raws)
         missing = [i for i, raw in enumerate(raws) if raw is None]
-        for index, raw in zip(missing, self._fetch([prompts[i] for i in missing]), strict=True):
+        fetched = self._fetch([prompts[i] for i in missing], [keys[i] for i in missing])
+        for index, raw in zip(missing, fetched, strict=True):
             raws[index] = raw
-            if self.cache:
-                self.cache.put(keys[index], raw)
         return [judgment_from_raw(raw, self.config.refusal_mass) for raw in raws]
+
+    def remember(self, key: str, raw: dict) -> dict:
+        """Cache an answer as soon as it arrives, so a run that fails later has not paid for it in vain."""
+        if self.cache:
+            self.cache.put(key, raw)
+        return raw
 
     def take_usage(self) -> dict:
         """Usage since the last call: one evaluation's worth."""
@@ -131,8 +136,9 @@ class RubricJudge:
         c = self.config
         return cache_key("judge", c.backend, c.model, prompt, c.top_logprobs, c.max_tokens)
 
-    def _fetch(self, prompts: list[str]) -> list[dict]:
-        """Raw answers {"alternatives", "text"} for rendered judge prompts; usable ones only."""
+    def _fetch(self, prompts: list[str], keys: list[str]) -> list[dict]:
+        """Raw answers {"alternatives", "text"} for rendered judge prompts, each passed to `remember`
+        with its cache key as it arrives."""
         raise NotImplementedError
 
 

@@ -16,7 +16,7 @@ class OpenAIJudge(RubricJudge):
         super().__init__(spec)
         self.client = EndpointClient(spec.config, spec.field, self.usage)  # checks the API key now, before any GPU work
 
-    def _fetch(self, prompts: list[str]) -> list[dict]:
+    def _fetch(self, prompts: list[str], keys: list[str]) -> list[dict]:
         config = self.config
         requests = [
             {
@@ -29,7 +29,7 @@ class OpenAIJudge(RubricJudge):
             }
             for prompt in prompts
         ]
-        return self.client.run(requests, lambda response, _: raw_answer(response))
+        return self.client.run(requests, lambda response, i: self.remember(keys[i], raw_answer(response)))
 
 
 def raw_answer(response) -> dict:
