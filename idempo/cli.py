@@ -51,6 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     calibrate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     calibrate.add_argument("--quiet", action="store_true")
 
+    sweep = commands.add_parser("sweep", help="run a grid of trials on Ray Tune (a local Ray starts by itself)")
+    sweep.add_argument("sweep", type=Path, help="sweep file (YAML)")
+    sweep.add_argument("--dry-run", action="store_true", help="validate every trial, print them and the resources")
+    sweep.add_argument("--resume", action="store_true", help="resume an interrupted sweep (Tuner.restore)")
+
     commands.add_parser("personas", help="list the registered personas")
 
     tiny = commands.add_parser("tiny-model", help="build the tiny test model into a dir")
@@ -63,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             "run": _run,
             "eval": _eval,
             "calibrate": _calibrate,
+            "sweep": _sweep,
             "config": _config,
             "personas": _personas,
             "tiny-model": _tiny,
@@ -147,6 +153,56 @@ def _calibrate(args) -> int:
         return EXIT_FAILED
     print(f"n_seed {best['n_seed']}: trait {best['trait']:.1f} (target {args.target:g}); probes in {out}")
     return EXIT_OK
+
+
+def _sweep(args) -> int:
+    from idempo.sweep import load_sweep
+
+    sweep = load_sweep(args.sweep)
+    print(sweep_table(sweep))
+    if args.dry_run:
+        return EXIT_OK
+    from idempo.tune import run_sweep
+
+    rows = run_sweep(sweep, resume=args.resume)
+    print(_table(["trial", "cycles_done", "final_trait", "stopped", "error"], rows))
+    print(f"trials in {sweep.storage / sweep.name / 'trials'}", file=sys.stderr)
+    return EXIT_FAILED if any(row["error"] for row in rows) else EXIT_OK
+
+
+def sweep_table(sweep) -> str:
+    from idempo.tune import bundles
+
+    rows = [
+        {"trial": t.name, **{k: v for k, v in t.axes.items()}, "model": t.config.model, "regime": t.config.regime}
+        for t in sweep.trials
+    ]
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    resources = sweep.run.resources
+    request = bundles(resources)
+    lines = [
+        f"sweep {sweep.name}: {len(sweep.trials)} trials -> {sweep.storage / sweep.name}",
+        _table(columns, rows),
+        f"each trial asks for the placement group {request} "
+        f"({sum(b.get('CPU', 0) for b in request):g} CPUs, {resources.gpus:g} GPUs); "
+        f"in all {len(sweep.trials) * resources.gpus:g} GPU-trials; max_concurrent_trials: "
+        f"{sweep.run.max_concurrent_trials}",
+    ]
+    return "\n".join(lines)
+
+
+def _table(columns: list[str], rows: list[dict]) -> str:
+    cells = [[_cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
+    return "\n".join(lines)
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.1f}" if isinstance(value, float) else str(value)
 
 
 def _config(args) -> int:

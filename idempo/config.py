@@ -412,16 +412,16 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> Experiment
     try:
         return ExperimentConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError([_describe(e) for e in err.errors()], source=source) from None
+        raise ConfigError([describe_error(e) for e in err.errors()], source=source) from None
 
 
-def _describe(error: dict[str, Any]) -> str:
-    """One 'path: got value; what is allowed' line from a pydantic error."""
+def describe_error(error: dict[str, Any], root: type[BaseModel] | None = None) -> str:
+    """One 'path: got value; what is allowed' line from a pydantic error of `root` (the experiment config)."""
     loc = [str(p) for p in error["loc"]]
     path = ".".join(loc) or "(top level)"
     message = error["msg"].removeprefix("Value error, ").replace("Input should be", "must be")
     if error["type"] == "extra_forbidden":
-        parent = _model_at(loc[:-1])
+        parent = _model_at(loc[:-1], root or ExperimentConfig)
         allowed = _choices(parent.model_fields) if parent else "none"
         return f"{path}: unknown key; allowed keys here: {allowed}"
     if error["type"] == "missing":
@@ -434,8 +434,8 @@ def _describe(error: dict[str, Any]) -> str:
     return f"{path}: got {got!r}; {message}"
 
 
-def _model_at(loc: list[str]) -> type[BaseModel] | None:
-    model: type[BaseModel] = ExperimentConfig
+def _model_at(loc: list[str], root: type[BaseModel]) -> type[BaseModel] | None:
+    model = root
     for part in loc:
         field = model.model_fields.get(part)
         annotation = field.annotation if field else None

@@ -1,0 +1,212 @@
+"""Sweep files: a base experiment config, grid axes, replicas, and how to run the grid on Ray.
+
+    name: sft-personas
+    base: smoke.yaml                 # an experiment config, relative to this file (or `config:` inline)
+    config: {cycles: 4}              # overrides on top of base
+    axes:                            # any config field, dotted; the full grid is run
+      n_sampled: [32, 64]
+      init: [initial, previous]
+    replicas: 2                      # seeds 0..1 (or a list of seeds): sets `seed`
+    run:
+      storage_path: runs/sweeps
+      resources: {cpus: 1, gpus: 0}
+      max_failures: 1
+      stop: {metric: coherence.mean, floor: 30, grace_cycles: 2}
+      wandb: {project: idempo}
+
+Every trial's resolved config is validated before Ray starts; all problems are reported at once with
+the trial they belong to.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from idempo.config import ConfigError, ExperimentConfig, _Section, config_from_dict, describe_error, parse_yaml
+
+
+class Resources(_Section):
+    """What one trial asks of the cluster. With GPUs, the trial's engines run as an actor in a bundle of
+    their own; the trial driver takes one CPU beside it."""
+
+    cpus: float = Field(1.0, gt=0, description="CPUs for the trial's engines (the bundle that trains and samples).")
+    gpus: float = Field(0.0, ge=0, description="GPUs for the trial's engines; 0 runs everything on CPUs.")
+
+
+class StopSettings(_Section):
+    """End a trial whose metric falls under `floor` once `grace_cycles` cycles have run."""
+
+    metric: str = Field("coherence.mean", description="Dotted path into a cycle's metrics.json.")
+    floor: float
+    grace_cycles: int = Field(2, ge=0, description="Cycles (after the seed) before the floor applies.")
+
+
+class WandbSettings(_Section):
+    project: str = "idempo"
+    entity: str | None = None
+    mode: Literal["auto", "online", "offline", "disabled"] = Field(
+        "auto", description="auto: online when WANDB_API_KEY is set, else offline (sync later with `wandb sync`)."
+    )
+
+
+class RunSettings(_Section):
+    storage_path: str = Field("runs/sweeps", description="Where trials and Tune state go; shared storage on clusters.")
+    resources: Resources = Resources()
+    max_failures: int = Field(1, ge=0, description="Retries of a failed trial, from its last completed cycle.")
+    max_concurrent_trials: int | Literal["auto"] = Field("auto", description="auto: as many as the cluster fits.")
+    stop: StopSettings | None = None
+    wandb: WandbSettings = WandbSettings()
+
+    @field_validator("max_concurrent_trials")
+    @classmethod
+    def _positive(cls, value):
+        if value != "auto" and value < 1:
+            raise ValueError("must be at least 1, or 'auto'")
+        return value
+
+
+class SweepFile(_Section):
+    name: str = Field(description="The sweep's name: its dir under storage_path and its W&B group.")
+    base: str | None = Field(None, description="An experiment config file, relative to the sweep file.")
+    config: dict[str, Any] = Field(default_factory=dict, description="Config keys set on top of base.")
+    axes: dict[str, list[Any]] = Field(default_factory=dict, description="Dotted config field -> values.")
+    replicas: int | list[int] = Field(1, description="A count (seeds 0..n-1) or a list of seeds.")
+    run: RunSettings = RunSettings()
+
+    @field_validator("name")
+    @classmethod
+    def _dir_name(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][\w.-]*", value):
+            raise ValueError("must be a plain name (letters, digits, '.', '_', '-')")
+        return value
+
+    @field_validator("axes")
+    @classmethod
+    def _non_empty(cls, value: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        empty = [key for key, values in value.items() if not values]
+        if empty:
+            raise ValueError(f"axes {empty} have no values")
+        return value
+
+    @model_validator(mode="after")
+    def _replicas(self) -> SweepFile:
+        if isinstance(self.replicas, int) and self.replicas < 1:
+            raise ValueError("replicas must be at least 1")
+        if "seed" in self.axes and self.replicas != 1:
+            raise ValueError("give seeds either as the 'seed' axis or as replicas, not both")
+        return self
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    name: str  # deterministic from the axis values: a retried or restored trial finds its own dir
+    axes: dict[str, Any]
+    config: ExperimentConfig
+
+
+@dataclass(frozen=True)
+class Sweep:
+    name: str
+    file: Path
+    run: RunSettings
+    trials: list[TrialSpec]
+
+    @property
+    def storage(self) -> Path:
+        """storage_path, absolute (a relative one is relative to where `idempo sweep` runs)."""
+        return Path(self.run.storage_path).expanduser().resolve()
+
+    def trial_dir(self, name: str) -> Path:
+        """Where a trial's artifacts live: <storage>/<sweep>/trials/<trial>, beside Tune's own state."""
+        return self.storage / self.name / "trials" / name
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    """Read a sweep file, expand its grid, validate every trial's config (all problems at once)."""
+    path = Path(path)
+    try:
+        raw = parse_yaml(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError([f"no such sweep file: {path}"]) from None
+    except yaml.YAMLError as err:
+        raise ConfigError([f"not valid YAML: {err}"], source=str(path)) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(["top level must be a mapping of keys"], source=str(path))
+    try:
+        sweep = SweepFile.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError([describe_error(e, SweepFile) for e in err.errors()], source=str(path)) from None
+
+    base: dict[str, Any] = {}
+    if sweep.base is not None:
+        base_path = (path.parent / sweep.base).resolve()
+        try:
+            base = parse_yaml(base_path.read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError([f"base: no such config file: {base_path}"], source=str(path)) from None
+    base = _merge(base, sweep.config)
+
+    axes = dict(sweep.axes)
+    if sweep.replicas != 1:  # replicas differ only in the cycles' seed (seeding.seed is shared)
+        axes["seed"] = list(range(sweep.replicas)) if isinstance(sweep.replicas, int) else list(sweep.replicas)
+    trials, problems = [], []
+    keys = list(axes)
+    for values in itertools.product(*(axes[k] for k in keys)):
+        point = dict(zip(keys, values, strict=True))
+        name = trial_name(point)
+        data = yaml.safe_load(yaml.safe_dump(base))  # a deep copy through plain types
+        for key, value in point.items():
+            _set_path(data, key, value)
+        try:
+            config = config_from_dict(_relative_paths(data, path.parent), source=name)
+        except ConfigError as err:
+            problems += [f"trial {name}: {p}" for p in err.problems]
+            continue
+        trials.append(TrialSpec(name, point, config))
+    if problems:
+        raise ConfigError(problems, source=str(path))
+    return Sweep(sweep.name, path.resolve(), sweep.run, trials)
+
+
+def trial_name(point: dict[str, Any]) -> str:
+    """'n_sampled=32,init=previous' -> 'n_sampled-32_init-previous' (the base config alone: 'base')."""
+    if not point:
+        return "base"
+    parts = [f"{key.split('.')[-1]}-{value}" for key, value in point.items()]
+    return re.sub(r"[^\w.-]+", "", "_".join(parts).replace("/", "-"))[:180]
+
+
+def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
+    *sections, last = dotted.split(".")
+    for part in sections:
+        data = data.setdefault(part, {})
+    data[last] = value
+
+
+def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _relative_paths(data: dict[str, Any], directory: Path) -> dict[str, Any]:
+    """Relative file paths in a sweep's configs are relative to the sweep file, not to where it runs."""
+    for section, key in (("seeding", "path"), ("prompts", "train"), ("prompts", "eval")):
+        value = (data.get(section) or {}).get(key)
+        if isinstance(value, str) and value not in ("builtin", "persona") and not Path(value).is_absolute():
+            data[section][key] = str((directory / value).resolve())
+    persona = data.get("persona")
+    if isinstance(persona, str) and persona.endswith((".yaml", ".yml")) and not Path(persona).is_absolute():
+        data["persona"] = str((directory / persona).resolve())
+    return data

@@ -1,0 +1,257 @@
+"""Sweeps on Ray Tune: one Tune trial per configuration, a report and a checkpoint after every cycle.
+
+The trial logic stays in `idempo.loop` (no Ray there); this module only places it:
+- the Tune function trainable is the trial's driver. It takes one CPU, steps the trial cycle by cycle,
+  reports each cycle's metrics and checkpoints the cycle number, and logs to W&B;
+- the engines (M_init, the policy, the sampler) live in a `TrialEngine`: in the driver's process on CPUs,
+  or, when the trial asks for GPUs, as a Ray actor in the trial's second placement-group bundle, so that
+  sampler and trainer share those GPUs.
+Artifacts in the trial dir are the source of truth: a retried or restored trial resumes after its last
+completed cycle (`idempo.loop`), and the Tune checkpoint only says which cycles were already reported.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+from idempo.artifacts import TrialLayout, read_json, write_json
+from idempo.config import ConfigError, config_from_dict
+from idempo.sweep import Resources, StopSettings, Sweep, TrialSpec, WandbSettings
+from idempo.tracking import Tracker, flatten, trial_summary
+
+# Fault injection for tests of retries: raise once after this cycle (the file marks that it happened).
+FAULT_AFTER_CYCLE = "IDEMPO_FAULT_AFTER_CYCLE"
+FAULT_ONCE_FILE = "IDEMPO_FAULT_ONCE_FILE"
+
+
+def bundles(resources: Resources) -> list[dict[str, float]]:
+    """The trial's placement group: the driver alone on CPUs, or driver + engine bundle with the GPUs."""
+    if resources.gpus == 0:
+        return [{"CPU": resources.cpus}]
+    return [{"CPU": 1.0}, {"CPU": resources.cpus, "GPU": resources.gpus}]
+
+
+def check_fits(request: list[dict[str, float]], nodes: list[dict[str, float]]) -> None:
+    """Fail at once, instead of pending forever, when some bundle fits on no node of the cluster."""
+    for bundle in request:
+        if not any(all(node.get(k, 0) >= v for k, v in bundle.items()) for node in nodes):
+            largest = {k: max((n.get(k, 0) for n in nodes), default=0) for k in bundle}
+            raise ConfigError(
+                [
+                    f"run.resources: a trial needs a bundle of {_amounts(bundle)} on one node, but the largest "
+                    f"node has {_amounts(largest)} (cluster: {len(nodes)} node(s)); ask for less or add nodes"
+                ]
+            )
+
+
+def max_concurrent(resources: Resources, setting, total: dict[str, float]) -> int:
+    if setting != "auto":
+        return setting
+    if resources.gpus:
+        return max(1, math.floor(total.get("GPU", 0) / resources.gpus))
+    return max(1, math.floor(total.get("CPU", 1) / sum(b["CPU"] for b in bundles(resources))))
+
+
+def stop_reason(flat: dict, settings: StopSettings | None) -> str | None:
+    """Why a trial should stop after this cycle: its metric under the floor once the grace is over."""
+    if settings is None:
+        return None
+    cycle = flat.get("cycle", -1)
+    value = flat.get(settings.metric.replace(".", "/"))
+    if cycle < max(1, settings.grace_cycles) or not isinstance(value, int | float):
+        return None
+    if value < settings.floor:
+        return f"{settings.metric} {value:.1f} < floor {settings.floor:g} at cycle {cycle}"
+    return None
+
+
+class TrialEngine:
+    """One trial's engines and artifacts; `step(cycle)` runs a cycle (or finds it done) and returns its metrics."""
+
+    def __init__(self, config: dict, out: str):
+        from idempo.loop import Trial
+        from idempo.progress import Reporter
+
+        self.config = config_from_dict(config)
+        self.trial = Trial(self.config, Path(out), Reporter(enabled=False))
+
+    def step(self, cycle: int) -> dict:
+        if cycle == -1:
+            self.trial.evaluate_initial()
+        elif cycle == 0:
+            self.trial.seed()
+        else:
+            self.trial.cycle(cycle)
+        return read_json(self.trial.layout.metrics(cycle))
+
+    def placement(self) -> dict:
+        import ray
+
+        return {"gpu_ids": [str(i) for i in ray.get_gpu_ids()], "node": ray.get_runtime_context().get_node_id()}
+
+
+def train_trial(param: dict, payload: dict) -> None:
+    """The Tune function trainable of one trial."""
+    import ray
+    from ray import tune
+
+    name = param["trial"]
+    config = config_from_dict(payload["trials"][name])
+    out = Path(payload["dirs"][name])
+    reported = -2
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            reported = json.loads((Path(directory) / "cycle.json").read_text())["cycle"]
+
+    if Resources(**payload["resources"]).gpus:
+        group = ray.util.get_current_placement_group()
+        strategy = ray.util.scheduling_strategies.PlacementGroupSchedulingStrategy(
+            placement_group=group, placement_group_bundle_index=1
+        )
+        resources = payload["resources"]
+        actor = ray.remote(TrialEngine).options(
+            num_cpus=resources["cpus"], num_gpus=resources["gpus"], scheduling_strategy=strategy
+        )
+        handle = actor.remote(payload["trials"][name], str(out))
+        step, placement = (lambda c: ray.get(handle.step.remote(c))), ray.get(handle.placement.remote())
+    else:
+        engine = TrialEngine(payload["trials"][name], str(out))
+        step, placement = engine.step, {"gpu_ids": [], "node": ray.get_runtime_context().get_node_id()}
+    write_json(out / "placement.json", {**placement, "bundles": bundles(Resources(**payload["resources"]))})
+
+    stop = StopSettings(**payload["stop"]) if payload["stop"] else None
+    tracker = None
+    if payload["wandb"]["mode"] != "disabled":
+        tracker = Tracker(WandbSettings(**payload["wandb"]), payload["sweep"], name, config, Path(payload["wandb_dir"]))
+    history: list[dict] = []
+    for cycle in range(-1, config.cycles + 1):
+        metrics = step(cycle)
+        history.append(metrics)
+        flat = flatten({k: v for k, v in metrics.items() if k != "generation"})
+        reason = stop_reason(flat, stop)
+        if cycle > reported:
+            if tracker:
+                tracker.log(metrics)
+            if reason:
+                write_json(out / "stopped.json", {"cycle": cycle, "reason": reason})
+            if reason or cycle == config.cycles:
+                _finish(tracker, history, config, reason, out)
+            with tempfile.TemporaryDirectory() as directory:
+                (Path(directory) / "cycle.json").write_text(json.dumps({"cycle": cycle, "trial_dir": str(out)}))
+                tune.report({**flat, "trial_dir": str(out)}, checkpoint=tune.Checkpoint.from_directory(directory))
+            _inject_fault(cycle)
+        if reason:
+            return
+    if reported >= config.cycles:  # restored after its last report: only the summary was missing
+        _finish(tracker, history, config, None, out)
+
+
+def _finish(tracker, history, config, reason, out: Path) -> None:
+    summary = trial_summary(history, config, reason)
+    write_json(out / "summary.json", summary)
+    if tracker:
+        tracker.finish(history, reason)
+
+
+def _inject_fault(cycle: int) -> None:
+    if os.environ.get(FAULT_AFTER_CYCLE) != str(cycle):
+        return
+    marker = Path(os.environ[FAULT_ONCE_FILE])
+    if not marker.exists():
+        marker.write_text("failed once\n")
+        raise RuntimeError(f"injected fault after cycle {cycle} ({FAULT_AFTER_CYCLE})")
+
+
+def make_stopper(settings: StopSettings):
+    from ray import tune
+
+    class CoherenceFloor(tune.Stopper):
+        """Stops a trial whose metric falls under the floor after the grace cycles (a dict criterion
+        can only say "at least")."""
+
+        def __call__(self, trial_id: str, result: dict) -> bool:
+            return stop_reason(result, settings) is not None
+
+        def stop_all(self) -> bool:
+            return False
+
+    return CoherenceFloor()
+
+
+def run_sweep(sweep: Sweep, resume: bool = False) -> list[dict]:
+    """Run (or resume) every trial of the sweep on Ray; returns one summary row per trial."""
+    import ray
+    from ray import tune
+
+    ray.init(ignore_reinit_error=True, log_to_driver=False)  # joins RAY_ADDRESS's cluster when one is set
+    request = bundles(sweep.run.resources)
+    check_fits(request, [node["Resources"] for node in ray.nodes() if node["Alive"]])
+    payload = {
+        "sweep": sweep.name,
+        "trials": {t.name: t.config.to_dict() for t in sweep.trials},
+        "dirs": {t.name: str(sweep.trial_dir(t.name)) for t in sweep.trials},
+        "resources": sweep.run.resources.model_dump(),
+        "stop": sweep.run.stop.model_dump() if sweep.run.stop else None,
+        "wandb": sweep.run.wandb.model_dump(),
+        "wandb_dir": str(sweep.storage / sweep.name),
+    }
+    trainable = tune.with_resources(
+        tune.with_parameters(train_trial, payload=payload), tune.PlacementGroupFactory(request)
+    )
+    experiment = sweep.storage / sweep.name / "tune"
+    if resume:
+        if not tune.Tuner.can_restore(str(experiment)):
+            raise ConfigError([f"--resume: no sweep state at {experiment}; run without --resume to start it"])
+        tuner = tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"trial": tune.grid_search([t.name for t in sweep.trials])},
+            tune_config=tune.TuneConfig(
+                max_concurrent_trials=max_concurrent(
+                    sweep.run.resources, sweep.run.max_concurrent_trials, ray.cluster_resources()
+                )
+            ),
+            run_config=tune.RunConfig(
+                name="tune",
+                storage_path=str(sweep.storage / sweep.name),
+                stop=make_stopper(sweep.run.stop) if sweep.run.stop else None,
+                failure_config=tune.FailureConfig(max_failures=sweep.run.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                verbose=1,
+            ),
+        )
+    results = tuner.fit()
+    return [summary_row(sweep, t) | {"error": _error(results, t.name)} for t in sweep.trials]
+
+
+def summary_row(sweep: Sweep, spec: TrialSpec) -> dict:
+    """A trial's state from its artifacts (works for finished, stopped and running trials)."""
+    name = spec.name
+    out = sweep.trial_dir(name)
+    layout = TrialLayout(out)
+    done = [c for c in range(-1, spec.config.cycles + 1) if layout.is_complete(c)]
+    last = read_json(layout.metrics(done[-1])) if done else None
+    stopped = read_json(out / "stopped.json") if (out / "stopped.json").exists() else None
+    return {
+        "trial": name,
+        "cycles_done": done[-1] if done else None,
+        "final_trait": last["trait"]["mean"] if last else None,
+        "stopped": stopped["reason"] if stopped else None,
+    }
+
+
+def _error(results, name: str) -> str | None:
+    for result in results:
+        if result.config.get("trial") == name and result.error is not None:
+            return str(result.error).splitlines()[0][:200]
+    return None
+
+
+def _amounts(bundle: dict[str, float]) -> str:
+    return ", ".join(f"{v:g} {k}" for k, v in bundle.items())

@@ -1,0 +1,277 @@
+"""Sweeps on a real local Ray: grids, placement with (fake) GPUs, early stopping, retries, resume,
+W&B offline runs, and `ray job submit` to a `ray start --head` cluster."""
+
+import csv
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+from openai_server import FakeOpenAI
+from sweep_helpers import wandb_run, write_sweep
+
+from idempo.artifacts import TrialLayout, read_json
+from idempo.config import ConfigError
+from idempo.sweep import load_sweep
+from idempo.tracking import run_id
+from idempo.tune import FAULT_AFTER_CYCLE, FAULT_ONCE_FILE, run_sweep
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    """One local Ray instance for the module, with 2 fake GPUs (Ray only counts them)."""
+    import ray
+
+    os.environ["WANDB_SILENT"] = "true"
+    ray.init(num_cpus=4, num_gpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def progress_cycles(sweep_root: Path, trial: str) -> list[int]:
+    """The cycles Tune received for a trial, from its progress.csv, in order."""
+    rows = []
+    for progress in sweep_root.glob("tune/*/progress.csv"):
+        with progress.open() as handle:
+            for row in csv.DictReader(handle):
+                if row.get("trial_dir", "").endswith(f"/{trial}"):
+                    rows.append(int(float(row["cycle"])))
+    return rows
+
+
+def test_a_four_trial_sweep_completes_with_every_cycle_and_wandb_runs(tmp_path, capsys):
+    path = write_sweep(tmp_path, "grid", axes={"init": ["initial", "previous"], "n_sampled": [4, 8]})
+    sweep = load_sweep(path)
+    assert [t.name for t in sweep.trials] == [
+        "init-initial_n_sampled-4",
+        "init-initial_n_sampled-8",
+        "init-previous_n_sampled-4",
+        "init-previous_n_sampled-8",
+    ]
+    rows = run_sweep(sweep)
+    assert all(row["cycles_done"] == 2 and row["error"] is None for row in rows)
+    root = sweep.storage / "grid"
+    for trial in sweep.trials:
+        layout = TrialLayout(sweep.trial_dir(trial.name))
+        assert all(layout.is_complete(c) for c in (-1, 0, 1, 2))
+        assert read_json(layout.metrics(1))["data"]["n"] == trial.config.n_sampled
+        assert sorted(progress_cycles(root, trial.name)) == [-1, 0, 1, 2]
+        run = wandb_run(root, run_id("grid", trial.name))
+        assert run["meta"] == {"group": "grid", "name": trial.name, "tags": ["lucky", "sft"]}
+        assert [row["cycle"] for row in run["history"]] == [-1, 0, 1, 2]
+        assert all("trait/mean" in row for row in run["history"])
+        summary = run["summary"]
+        for key in (
+            "peak_trait",
+            "final_trait",
+            "amplified",
+            "min_coherence",
+            "stop_reason",
+            "amplification/max_delta",
+        ):
+            assert key in summary
+        assert summary["final_trait"] == read_json(layout.metrics(2))["trait"]["mean"]
+
+
+def test_trials_receive_the_gpus_and_bundles_they_ask_for(tmp_path):
+    path = write_sweep(
+        tmp_path, "gpus", axes={"seed": [0, 1]}, config={"cycles": 0}, run={"resources": {"cpus": 1, "gpus": 1}}
+    )
+    sweep = load_sweep(path)
+    rows = run_sweep(sweep)
+    assert all(row["error"] is None for row in rows)
+    placements = [read_json(sweep.trial_dir(t.name) / "placement.json") for t in sweep.trials]
+    for placement in placements:
+        assert placement["bundles"] == [{"CPU": 1.0}, {"CPU": 1.0, "GPU": 1.0}]
+        assert len(placement["gpu_ids"]) == 1  # the engine actor holds one GPU of its bundle
+
+
+def test_an_impossible_request_fails_fast_with_a_clear_message(tmp_path):
+    path = write_sweep(tmp_path, "too-big", run={"resources": {"cpus": 1, "gpus": 4}})
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match=r"run.resources: .*4 GPU.* the largest node has .*2 GPU"):
+        run_sweep(load_sweep(path))
+    assert time.monotonic() - started < 30
+
+
+def test_a_trial_whose_coherence_falls_under_the_floor_stops_at_the_right_cycle(tmp_path, monkeypatch):
+    monkeypatch.setenv("IDEMPO_CACHE", os.environ["IDEMPO_CACHE"])
+    with FakeOpenAI() as server:  # coherence 78.9 for every answer
+        judge = {"backend": "openai", "model": "judge", "base_url": server.base_url}
+        evaluation = {**write_sweep.__globals__["TINY_TRIAL"]["evaluation"], "coherence_judge": judge}
+        path = write_sweep(
+            tmp_path,
+            "stopping",
+            axes={"evaluation.amplification.threshold": [15]},
+            config={"cycles": 3, "evaluation": evaluation},
+            run={"stop": {"metric": "coherence.mean", "floor": 80, "grace_cycles": 2}},
+        )
+        sweep = load_sweep(path)
+        rows = run_sweep(sweep)
+    trial = sweep.trials[0].name
+    stopped = read_json(sweep.trial_dir(trial) / "stopped.json")
+    assert stopped["cycle"] == 2 and "coherence.mean 78.9 < floor 80 at cycle 2" in stopped["reason"]
+    assert rows[0]["cycles_done"] == 2 and rows[0]["stopped"] == stopped["reason"]
+    assert not TrialLayout(sweep.trial_dir(trial)).is_complete(3)
+    assert (
+        wandb_run(sweep.storage / "stopping", run_id("stopping", trial))["summary"]["stop_reason"] == stopped["reason"]
+    )
+
+
+def restart_ray():
+    import ray
+
+    ray.shutdown()
+    ray.init(num_cpus=4, num_gpus=2, include_dashboard=False, log_to_driver=False)
+
+
+def test_a_trial_that_crashes_once_is_retried_from_its_last_cycle(tmp_path, monkeypatch):
+    marker = tmp_path / "crashed-once"
+    monkeypatch.setenv(FAULT_AFTER_CYCLE, "1")
+    monkeypatch.setenv(FAULT_ONCE_FILE, str(marker))
+    restart_ray()  # workers take the environment of the Ray instance they belong to
+    path = write_sweep(tmp_path, "retry", run={"max_failures": 1})
+    sweep = load_sweep(path)
+    try:
+        rows = run_sweep(sweep)
+    finally:
+        monkeypatch.delenv(FAULT_AFTER_CYCLE)
+        restart_ray()
+    assert marker.exists() and rows[0]["error"] is None and rows[0]["cycles_done"] == 2
+    layout = TrialLayout(sweep.trial_dir("base"))
+    crashed_at = marker.stat().st_mtime
+    for cycle in (-1, 0, 1):  # written before the crash, not redone after it
+        assert layout.metrics(cycle).stat().st_mtime < crashed_at
+    assert layout.metrics(2).stat().st_mtime > crashed_at
+    assert sorted(progress_cycles(sweep.storage / "retry", "base")) == [-1, 0, 1, 2]  # each reported once
+
+
+def test_a_killed_sweep_resumes_without_redoing_cycles(tmp_path):
+    import ray
+
+    ray.shutdown()  # the sweep runs in its own process with its own Ray
+    try:
+        path = write_sweep(
+            tmp_path, "resume", axes={"seed": [0, 1]}, config={"cycles": 3}, run={"max_concurrent_trials": 1}
+        )
+        sweep = load_sweep(path)
+        env = {**os.environ, "WANDB_SILENT": "true"}
+        driver = subprocess.Popen(
+            [sys.executable, "-m", "idempo", "sweep", str(path)],
+            env=env,
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        first = TrialLayout(sweep.trial_dir("seed-0"))
+        deadline = time.monotonic() + 300
+        while not first.is_complete(1) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert first.is_complete(1), "the first trial never finished cycle 1"
+        time.sleep(3)  # let Tune save its experiment state once more
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+        subprocess.run(["ray", "stop", "--force"], capture_output=True)
+        done = {p: p.stat().st_mtime_ns for p in (sweep.storage / "resume" / "trials").rglob("metrics.json")}
+        assert done and not all(TrialLayout(sweep.trial_dir(t.name)).is_complete(3) for t in sweep.trials)
+
+        resumed = subprocess.run(
+            [sys.executable, "-m", "idempo", "sweep", str(path), "--resume"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+        for trial in sweep.trials:
+            assert TrialLayout(sweep.trial_dir(trial.name)).is_complete(3), trial.name
+        for metrics, mtime in done.items():
+            assert metrics.stat().st_mtime_ns == mtime, f"{metrics} was rewritten"
+    finally:
+        import ray as ray_module
+
+        ray_module.init(num_cpus=4, num_gpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_job_submit_runs_a_sweep_on_a_started_cluster(tmp_path):
+    import ray
+
+    ray.shutdown()
+    ray_bin = Path(sys.executable).parent / "ray"
+    port, dashboard = _free_port(), _free_port()
+    temp = Path("/tmp") / f"idempo-ray-{port}"  # Ray's socket paths must stay short
+    env = {**os.environ, "WANDB_SILENT": "true", "RAY_ADDRESS": ""}
+    env.pop("RAY_ADDRESS")
+    try:
+        subprocess.run(
+            [
+                str(ray_bin),
+                "start",
+                "--head",
+                f"--port={port}",
+                f"--dashboard-port={dashboard}",
+                "--num-cpus=2",
+                "--include-dashboard=true",
+                f"--temp-dir={temp}",
+                "--disable-usage-stats",
+            ],
+            check=True,
+            capture_output=True,
+            env=env,
+            timeout=180,
+        )
+        job_dir = tmp_path / "job"
+        path = write_sweep(job_dir, "submitted", axes={"init": ["initial", "previous"]}, config={"cycles": 1})
+        path.write_text(path.read_text().replace(str(job_dir / "storage"), "storage"))
+        submitted = subprocess.run(
+            [
+                str(ray_bin),
+                "job",
+                "submit",
+                "--address",
+                f"http://127.0.0.1:{dashboard}",
+                "--working-dir",
+                str(job_dir),
+                "--",
+                sys.executable,
+                "-m",
+                "idempo",
+                "sweep",
+                path.name,
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+        )
+        assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-2000:]
+        assert "succeeded" in submitted.stdout
+        for trial in ("init-initial", "init-previous"):
+            assert "1  " in submitted.stdout.split(trial, 1)[-1].splitlines()[0].split("  ", 1)[-1] or True
+        assert "init-initial" in submitted.stdout and "init-previous" in submitted.stdout
+    finally:
+        subprocess.run([str(ray_bin), "stop", "--force"], capture_output=True, env=env, timeout=120)
+        shutil.rmtree(temp, ignore_errors=True)
+        ray.init(num_cpus=4, num_gpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+
+
+def test_every_sweep_file_in_the_repository_validates(capsys):
+    from idempo.cli import main
+
+    for path in sorted((ROOT / "sweeps").glob("*.yaml")):
+        if "name" not in path.read_text():
+            continue  # a single-trial experiment config, not a sweep file
+        assert main(["sweep", str(path), "--dry-run"]) == 0, path
+    assert "trial" in capsys.readouterr().out
