@@ -202,7 +202,7 @@ def _table(columns: list[str], rows: list[dict]) -> str:
 def _cell(value) -> str:
     if value is None:
         return "-"
-    return f"{value:.1f}" if isinstance(value, float) else str(value)
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _config(args) -> int:

@@ -167,6 +167,29 @@ def _inject_fault(cycle: int) -> None:
         raise RuntimeError(f"injected fault after cycle {cycle} ({FAULT_AFTER_CYCLE})")
 
 
+def check_endpoint_keys(sweep: Sweep) -> None:
+    """A judge or teacher without its API key would fail every trial; say so before Ray starts."""
+    from idempo.endpoint import api_key
+
+    problems: set[str] = set()
+    for trial in sweep.trials:
+        config = trial.config
+        endpoints = {
+            "evaluation.judge": config.evaluation.judge,
+            "evaluation.coherence_judge": config.evaluation.coherence_judge,
+            "seeding.teacher": config.seeding.teacher,
+            "preference.reward_judge": config.preference.reward_judge,
+        }
+        for field, endpoint in endpoints.items():
+            if endpoint is not None and getattr(endpoint, "backend", "openai") == "openai":
+                try:
+                    api_key(endpoint, field)
+                except ConfigError as err:
+                    problems.update(err.problems)
+    if problems:
+        raise ConfigError(sorted(problems))
+
+
 def make_stopper(settings: StopSettings):
     from ray import tune
 
@@ -188,6 +211,7 @@ def run_sweep(sweep: Sweep, resume: bool = False) -> list[dict]:
     import ray
     from ray import tune
 
+    check_endpoint_keys(sweep)
     ray.init(ignore_reinit_error=True, log_to_driver=False)  # joins RAY_ADDRESS's cluster when one is set
     request = bundles(sweep.run.resources)
     check_fits(request, [node["Resources"] for node in ray.nodes() if node["Alive"]])
