@@ -374,16 +374,21 @@ class ExperimentConfig(_Section):
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> ExperimentConfig:
     """Read a YAML config, apply `key.path=value` overrides (values parsed as YAML), validate."""
+    return config_from_dict(apply_overrides(read_yaml_mapping(path, "config"), overrides), source=str(path))
+
+
+def read_yaml_mapping(path: str | Path, kind: str) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping, or a ConfigError that says what is wrong with it."""
     path = Path(path)
     try:
         raw = parse_yaml(path.read_text())
     except FileNotFoundError:
-        raise ConfigError([f"no such config file: {path}"]) from None
+        raise ConfigError([f"no such {kind} file: {path}"]) from None
     except yaml.YAMLError as err:
         raise ConfigError([f"not valid YAML: {err}"], source=str(path)) from None
     if not isinstance(raw, dict):
         raise ConfigError([f"top level must be a mapping of keys, got {type(raw).__name__}"], source=str(path))
-    return config_from_dict(apply_overrides(raw, overrides), source=str(path))
+    return raw
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from idempo.config import ConfigError, ExperimentConfig, _Section, config_from_dict, describe_error, parse_yaml
+from idempo.config import ConfigError, ExperimentConfig, _Section, config_from_dict, describe_error, read_yaml_mapping
 
 
 class Resources(_Section):
@@ -131,26 +131,13 @@ class Sweep:
 def load_sweep(path: str | Path) -> Sweep:
     """Read a sweep file, expand its grid, validate every trial's config (all problems at once)."""
     path = Path(path)
-    try:
-        raw = parse_yaml(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError([f"no such sweep file: {path}"]) from None
-    except yaml.YAMLError as err:
-        raise ConfigError([f"not valid YAML: {err}"], source=str(path)) from None
-    if not isinstance(raw, dict):
-        raise ConfigError(["top level must be a mapping of keys"], source=str(path))
+    raw = read_yaml_mapping(path, "sweep")
     try:
         sweep = SweepFile.model_validate(raw)
     except ValidationError as err:
         raise ConfigError([describe_error(e, SweepFile) for e in err.errors()], source=str(path)) from None
 
-    base: dict[str, Any] = {}
-    if sweep.base is not None:
-        base_path = (path.parent / sweep.base).resolve()
-        try:
-            base = parse_yaml(base_path.read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError([f"base: no such config file: {base_path}"], source=str(path)) from None
+    base = read_yaml_mapping(path.parent / sweep.base, "base config") if sweep.base is not None else {}
     base = _merge(base, sweep.config)
 
     axes = dict(sweep.axes)

@@ -292,3 +292,17 @@ def test_cluster_yaml_is_a_valid_cluster_launcher_config():
     gpu_nodes = [n for n in cluster["available_node_types"].values() if n["resources"].get("GPU")]
     assert gpu_nodes and cluster["available_node_types"][cluster["head_node_type"]]["resources"].get("GPU") is None
     assert any("[gpu]" in command for command in cluster["setup_commands"])
+
+
+def test_bad_trials_are_reported_together_before_anything_runs(tmp_path):
+    path = write_sweep(tmp_path, "bad", axes={"n_seed": [0, 16], "init": ["initial", "sideways"]})
+    with pytest.raises(ConfigError) as error:
+        load_sweep(path)
+    problems = error.value.problems
+    assert "trial n_seed-0_init-initial: n_seed: got 0; must be greater than 0" in problems
+    assert any(p.startswith("trial n_seed-16_init-sideways: init: got 'sideways'") for p in problems)
+    assert len(problems) == 4  # n_seed 0 twice, 'sideways' twice
+    path.write_text(path.read_text().replace("name: bad", "name: bad\nreplica: 3"))
+    with pytest.raises(ConfigError, match="replica: unknown key; allowed keys here: .*'replicas'"):
+        load_sweep(path)
+    assert not (tmp_path / "storage").exists()
