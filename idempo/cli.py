@@ -56,6 +56,28 @@ def main(argv: list[str] | None = None) -> int:
     sweep.add_argument("--dry-run", action="store_true", help="validate every trial, print them and the resources")
     sweep.add_argument("--resume", action="store_true", help="resume an interrupted sweep (Tuner.restore)")
 
+    report = commands.add_parser("report", help="figures, tables and an HTML page of a sweep (running or done)")
+    report.add_argument("sweep_dir", type=Path, help="the sweep's dir: <storage_path>/<sweep name>")
+    report.add_argument("--out", type=Path, help="where the report goes (default: SWEEP_DIR/report)")
+    report.add_argument("--facet", default="n_sampled", help="config field with one panel per value")
+    report.add_argument("--hue", default="n_seed", help="config field with one line per value")
+    report.add_argument(
+        "--replicas",
+        choices=["mean", "lines"],
+        default="mean",
+        help="trials that differ only in seed: their mean and CI, or also each replica's own line",
+    )
+    report.add_argument(
+        "--amplification",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override the trials' amplification settings, e.g. criterion=ci sustained_cycles=2 threshold=0",
+    )
+    report.add_argument("--wandb", action="store_true", help="also create a W&B report of the sweep's runs")
+    report.add_argument("--wandb-project", help="W&B project (default: the sweep's)")
+    report.add_argument("--wandb-entity", help="W&B entity (default: the sweep's, or your default)")
+
     commands.add_parser("personas", help="list the registered personas")
 
     tiny = commands.add_parser("tiny-model", help="build the tiny test model into a dir")
@@ -69,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             "eval": _eval,
             "calibrate": _calibrate,
             "sweep": _sweep,
+            "report": _report,
             "config": _config,
             "personas": _personas,
             "tiny-model": _tiny,
@@ -165,9 +188,26 @@ def _sweep(args) -> int:
     from idempo.tune import run_sweep
 
     rows = run_sweep(sweep, resume=args.resume)
-    print(_table(["trial", "cycles_done", "final_trait", "stopped", "error"], rows))
-    print(f"trials in {sweep.storage / sweep.name / 'trials'}", file=sys.stderr)
+    print(_table(["trial", "cycles_done", "final_trait", "amplified", "stop_reason", "error"], rows))
+    print(f"trials in {sweep.directory / 'trials'}", file=sys.stderr)
     return EXIT_FAILED if any(row["error"] for row in rows) else EXIT_OK
+
+
+def _report(args) -> int:
+    from idempo.config import apply_overrides
+    from idempo.report import write_report
+
+    amplification = apply_overrides({}, args.amplification, "--amplification")
+    out, results = write_report(args.sweep_dir, args.out, args.facet, args.hue, args.replicas, amplification)
+    statuses = [t.status for t in results.trials]
+    counts = ", ".join(f"{statuses.count(s)} {s}" for s in dict.fromkeys(statuses))
+    print(f"report of {results.name} ({len(statuses)} trials: {counts}): {out / 'index.html'}")
+    if args.wandb:
+        from idempo.report.wandb_report import publish
+
+        mode = (results.wandb or {}).get("mode", "auto")
+        print(publish(results, mode, args.wandb_project, args.wandb_entity))
+    return EXIT_OK
 
 
 def sweep_table(sweep) -> str:
@@ -181,7 +221,7 @@ def sweep_table(sweep) -> str:
     resources = sweep.run.resources
     request = bundles(resources)
     lines = [
-        f"sweep {sweep.name}: {len(sweep.trials)} trials -> {sweep.storage / sweep.name}",
+        f"sweep {sweep.name}: {len(sweep.trials)} trials -> {sweep.directory}",
         _table(columns, rows),
         f"each trial asks for the placement group {request} "
         f"({sum(b.get('CPU', 0) for b in request):g} CPUs, {resources.gpus:g} GPUs); "

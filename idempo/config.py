@@ -391,23 +391,23 @@ def read_yaml_mapping(path: str | Path, kind: str) -> dict[str, Any]:
     return raw
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+def apply_overrides(raw: dict[str, Any], overrides: list[str], option: str = "--set") -> dict[str, Any]:
     """Return a copy of `raw` with each 'a.b.c=value' set; value is parsed as YAML ('3' -> 3, 'null' -> None)."""
     data = yaml.safe_load(yaml.safe_dump(raw))  # deep copy through plain types
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
-            raise ConfigError([f"--set {item!r}: expected key.path=value"])
+            raise ConfigError([f"{option} {item!r}: expected key.path=value"])
         try:
             value = parse_yaml(text)
         except yaml.YAMLError as err:
-            raise ConfigError([f"--set {key}: value {text!r} is not valid YAML ({err})"]) from None
+            raise ConfigError([f"{option} {key}: value {text!r} is not valid YAML ({err})"]) from None
         parts = key.strip().split(".")
         node = data
         for depth, part in enumerate(parts[:-1]):
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise ConfigError([f"--set {key}: {'.'.join(parts[: depth + 1])} is not a section"])
+                raise ConfigError([f"{option} {key}: {'.'.join(parts[: depth + 1])} is not a section"])
             node = child
         node[parts[-1]] = value
     return data

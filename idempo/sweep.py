@@ -7,6 +7,7 @@
       n_sampled: [32, 64]
       init: [initial, previous]
     replicas: 2                      # seeds 0..1 (or a list of seeds): sets `seed`
+    retrain_seed_model: false        # true: each replica also sets seeding.seed, so retrains its own M_seed
     run:
       storage_path: runs/sweeps
       resources: {cpus: 1, gpus: 0}
@@ -64,6 +65,16 @@ class RunSettings(_Section):
     stop: StopSettings | None = None
     wandb: WandbSettings = WandbSettings()
 
+    @field_validator("storage_path")
+    @classmethod
+    def _filesystem(cls, value: str) -> str:
+        if "://" in value:
+            raise ValueError(
+                "must be a filesystem path every node mounts (NFS, EFS, ...): trial artifacts are written "
+                "with atomic renames, which object stores do not offer"
+            )
+        return value
+
     @field_validator("max_concurrent_trials")
     @classmethod
     def _positive(cls, value):
@@ -78,6 +89,11 @@ class SweepFile(_Section):
     config: dict[str, Any] = Field(default_factory=dict, description="Config keys set on top of base.")
     axes: dict[str, list[Any]] = Field(default_factory=dict, description="Dotted config field -> values.")
     replicas: int | list[int] = Field(1, description="A count (seeds 0..n-1) or a list of seeds.")
+    retrain_seed_model: bool = Field(
+        False,
+        description="Replicas share M_seed (seeding.seed fixed) unless true: then each replica's seed also "
+        "sets seeding.seed, so each retrains its own M_seed (the authors' Figure 14 comparison).",
+    )
     run: RunSettings = RunSettings()
 
     @field_validator("name")
@@ -101,6 +117,10 @@ class SweepFile(_Section):
             raise ValueError("replicas must be at least 1")
         if "seed" in self.axes and self.replicas != 1:
             raise ValueError("give seeds either as the 'seed' axis or as replicas, not both")
+        if self.retrain_seed_model and "seeding.seed" in self.axes:
+            raise ValueError("retrain_seed_model sets seeding.seed from each replica's seed; drop the axis")
+        if self.retrain_seed_model and self.replicas == 1 and "seed" not in self.axes:
+            raise ValueError("retrain_seed_model needs replicas (or a 'seed' axis)")
         return self
 
 
@@ -117,15 +137,31 @@ class Sweep:
     file: Path
     run: RunSettings
     trials: list[TrialSpec]
+    axes: dict[str, list[Any]]  # as expanded: replicas appear as the `seed` axis
 
     @property
     def storage(self) -> Path:
         """storage_path, absolute (a relative one is relative to where `idempo sweep` runs)."""
         return Path(self.run.storage_path).expanduser().resolve()
 
+    @property
+    def directory(self) -> Path:
+        """<storage>/<sweep>: trials/, Tune's state, W&B's offline runs and sweep.json."""
+        return self.storage / self.name
+
     def trial_dir(self, name: str) -> Path:
         """Where a trial's artifacts live: <storage>/<sweep>/trials/<trial>, beside Tune's own state."""
-        return self.storage / self.name / "trials" / name
+        return self.directory / "trials" / name
+
+    def record(self) -> dict[str, Any]:
+        """What `idempo report` needs to know of the sweep beyond its trials' own artifacts."""
+        return {
+            "name": self.name,
+            "file": str(self.file),
+            "axes": self.axes,
+            "trials": {t.name: t.axes for t in self.trials},
+            "wandb": self.run.wandb.model_dump(),
+        }
 
 
 def load_sweep(path: str | Path) -> Sweep:
@@ -151,6 +187,8 @@ def load_sweep(path: str | Path) -> Sweep:
         data = yaml.safe_load(yaml.safe_dump(base))  # a deep copy through plain types
         for key, value in point.items():
             _set_path(data, key, value)
+        if sweep.retrain_seed_model and "seed" in point:
+            _set_path(data, "seeding.seed", point["seed"])
         try:
             config = config_from_dict(_relative_paths(data, path.parent), source=name)
         except ConfigError as err:
@@ -159,7 +197,7 @@ def load_sweep(path: str | Path) -> Sweep:
         trials.append(TrialSpec(name, point, config))
     if problems:
         raise ConfigError(problems, source=str(path))
-    return Sweep(sweep.name, path.resolve(), sweep.run, trials)
+    return Sweep(sweep.name, path.resolve(), sweep.run, trials, axes)
 
 
 def trial_name(point: dict[str, Any]) -> str:

@@ -12,7 +12,6 @@ import os
 from pathlib import Path
 
 from idempo.config import ExperimentConfig
-from idempo.evaluation.amplification import amplification
 
 
 def flatten(metrics: dict, prefix: str = "") -> dict:
@@ -46,7 +45,6 @@ class Tracker:
         import wandb
 
         directory.mkdir(parents=True, exist_ok=True)
-        self.config = config
         self.run = wandb.init(
             project=settings.project,
             entity=settings.entity,
@@ -65,23 +63,7 @@ class Tracker:
     def log(self, metrics: dict) -> None:
         self.run.log(flatten({k: v for k, v in metrics.items() if k != "generation"}))
 
-    def finish(self, history: list[dict], stop_reason: str | None) -> None:
-        self.run.summary.update(trial_summary(history, self.config, stop_reason))
+    def finish(self, summary: dict) -> None:
+        """`summary`: the trial's `trial_summary`, also kept as the trial's summary.json."""
+        self.run.summary.update(summary)
         self.run.finish()
-
-
-def trial_summary(history: list[dict], config: ExperimentConfig, stop_reason: str | None) -> dict:
-    """Peak and final trait, amplification, minimum coherence and the stop reason of a trial."""
-    cycles = [m for m in history if m["cycle"] >= 0]
-    traits = [m["trait"]["mean"] for m in cycles if m["trait"]["mean"] is not None]
-    coherence = [m["coherence"]["mean"] for m in cycles if (m.get("coherence") or {}).get("mean") is not None]
-    verdict = amplification(history, config.evaluation.amplification)
-    return {
-        "peak_trait": max(traits, default=None),
-        "final_trait": traits[-1] if traits else None,
-        "min_coherence": min(coherence, default=None),
-        "cycles_done": max((m["cycle"] for m in history), default=None),
-        "stop_reason": stop_reason,
-        **{f"amplification/{k}": v for k, v in verdict.items()},
-        "amplified": verdict["amplified"],
-    }

@@ -18,10 +18,12 @@ import os
 import tempfile
 from pathlib import Path
 
-from idempo.artifacts import TrialLayout, read_json, write_json
+from idempo.artifacts import read_json, write_json
 from idempo.config import ConfigError, config_from_dict
+from idempo.evaluation.amplification import trial_summary
+from idempo.report.results import read_trial
 from idempo.sweep import Resources, StopSettings, Sweep, TrialSpec, WandbSettings
-from idempo.tracking import Tracker, flatten, trial_summary
+from idempo.tracking import Tracker, flatten
 
 # Fault injection for tests of retries: raise once after this cycle (the file marks that it happened).
 FAULT_AFTER_CYCLE = "IDEMPO_FAULT_AFTER_CYCLE"
@@ -152,10 +154,10 @@ def train_trial(param: dict, payload: dict) -> None:
 
 
 def _finish(tracker, history, config, reason, out: Path) -> None:
-    summary = trial_summary(history, config, reason)
+    summary = trial_summary(history, config.evaluation.amplification, reason)
     write_json(out / "summary.json", summary)
     if tracker:
-        tracker.finish(history, reason)
+        tracker.finish(summary)
 
 
 def _inject_fault(cycle: int) -> None:
@@ -215,6 +217,7 @@ def run_sweep(sweep: Sweep, resume: bool = False) -> list[dict]:
     ray.init(ignore_reinit_error=True, log_to_driver=False)  # joins RAY_ADDRESS's cluster when one is set
     request = bundles(sweep.run.resources)
     check_fits(request, [node["Resources"] for node in ray.nodes() if node["Alive"]])
+    write_json(sweep.directory / "sweep.json", sweep.record())
     payload = {
         "sweep": sweep.name,
         "trials": {t.name: t.config.to_dict() for t in sweep.trials},
@@ -222,12 +225,12 @@ def run_sweep(sweep: Sweep, resume: bool = False) -> list[dict]:
         "resources": sweep.run.resources.model_dump(),
         "stop": sweep.run.stop.model_dump() if sweep.run.stop else None,
         "wandb": sweep.run.wandb.model_dump(),
-        "wandb_dir": str(sweep.storage / sweep.name),
+        "wandb_dir": str(sweep.directory),
     }
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, payload=payload), tune.PlacementGroupFactory(request)
     )
-    experiment = sweep.storage / sweep.name / "tune"
+    experiment = sweep.directory / "tune"
     if resume:
         if not tune.Tuner.can_restore(str(experiment)):
             raise ConfigError([f"--resume: no sweep state at {experiment}; run without --resume to start it"])
@@ -243,7 +246,7 @@ def run_sweep(sweep: Sweep, resume: bool = False) -> list[dict]:
             ),
             run_config=tune.RunConfig(
                 name="tune",
-                storage_path=str(sweep.storage / sweep.name),
+                storage_path=str(sweep.directory),
                 stop=make_stopper(sweep.run.stop) if sweep.run.stop else None,
                 failure_config=tune.FailureConfig(max_failures=sweep.run.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
@@ -256,18 +259,9 @@ def run_sweep(sweep: Sweep, resume: bool = False) -> list[dict]:
 
 def summary_row(sweep: Sweep, spec: TrialSpec) -> dict:
     """A trial's state from its artifacts (works for finished, stopped and running trials)."""
-    name = spec.name
-    out = sweep.trial_dir(name)
-    layout = TrialLayout(out)
-    done = [c for c in range(-1, spec.config.cycles + 1) if layout.is_complete(c)]
-    last = read_json(layout.metrics(done[-1])) if done else None
-    stopped = read_json(out / "stopped.json") if (out / "stopped.json").exists() else None
-    return {
-        "trial": name,
-        "cycles_done": done[-1] if done else None,
-        "final_trait": last["trait"]["mean"] if last else None,
-        "stopped": stopped["reason"] if stopped else None,
-    }
+    trial = read_trial(sweep.trial_dir(spec.name))
+    summary = trial_summary(trial.history, spec.config.evaluation.amplification, (trial.stopped or {}).get("reason"))
+    return {"trial": spec.name} | {k: summary[k] for k in ("cycles_done", "final_trait", "amplified", "stop_reason")}
 
 
 def _error(results, name: str) -> str | None:

@@ -118,7 +118,7 @@ def test_a_trial_whose_coherence_falls_under_the_floor_stops_at_the_right_cycle(
     trial = sweep.trials[0].name
     stopped = read_json(sweep.trial_dir(trial) / "stopped.json")
     assert stopped["cycle"] == 2 and "coherence.mean 78.9 < floor 80 at cycle 2" in stopped["reason"]
-    assert rows[0]["cycles_done"] == 2 and rows[0]["stopped"] == stopped["reason"]
+    assert rows[0]["cycles_done"] == 2 and rows[0]["stop_reason"] == stopped["reason"]
     assert not TrialLayout(sweep.trial_dir(trial)).is_complete(3)
     assert (
         wandb_run(sweep.storage / "stopping", run_id("stopping", trial))["summary"]["stop_reason"] == stopped["reason"]
@@ -259,8 +259,8 @@ def test_ray_job_submit_runs_a_sweep_on_a_started_cluster(tmp_path):
         )
         assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-2000:]
         assert "succeeded" in submitted.stdout
-        for trial in ("init-initial", "init-previous"):  # the sweep's closing table: 1 cycle done, no error
-            assert re.search(rf"^{trial}\s+1\s+\S+\s+-\s+-\s*$", submitted.stdout, re.MULTILINE), submitted.stdout[
+        for trial in ("init-initial", "init-previous"):  # the closing table: 1 cycle, no verdict yet, no stop, no error
+            assert re.search(rf"^{trial}\s+1\s+\S+\s+-\s+-\s+-\s*$", submitted.stdout, re.MULTILINE), submitted.stdout[
                 -3000:
             ]
     finally:
@@ -306,3 +306,7 @@ def test_bad_trials_are_reported_together_before_anything_runs(tmp_path):
     with pytest.raises(ConfigError, match="replica: unknown key; allowed keys here: .*'replicas'"):
         load_sweep(path)
     assert not (tmp_path / "storage").exists()
+    text = path.read_text().replace("replica: 3", "").replace(f"storage_path: {tmp_path}", "storage_path: s3://bucket")
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=r"run.storage_path: got 's3://bucket/storage'; must be a filesystem path"):
+        load_sweep(path)

@@ -1,4 +1,4 @@
-"""Did the trait amplify? The one definition that the stopper, W&B summaries and reports all use.
+"""Did the trait amplify? The one definition that W&B summaries, the sweep table and reports all use.
 
 The authors' criterion: max over cycles j >= 4 of (score_j - score_0) >= 15 points, score_0 being
 M_seed's trait score (cycle 0). Generalised here by `AmplificationConfig`:
@@ -9,6 +9,8 @@ M_seed's trait score (cycle 0). Generalised here by `AmplificationConfig`:
 - `sustained_cycles: k` asks for k consecutive qualifying cycles (k = 1 is the authors' rule).
 
 The input is a trial's history: the `metrics.json` dicts of its completed cycles, any order.
+`trial_summary` puts the verdict beside the other per-trial numbers (peak and final trait, minimum
+coherence, branching-factor trend, stop reason).
 """
 
 from __future__ import annotations
@@ -53,6 +55,35 @@ def amplification(history: list[dict], settings: AmplificationConfig, metric: st
             result.update(amplified=True, first_amplified_cycle=cycle - settings.sustained_cycles + 1)
             break
     return result
+
+
+def trial_summary(history: list[dict], settings: AmplificationConfig, stop_reason: str | None) -> dict:
+    """Peak and final trait, amplification, minimum coherence, branching-factor trend, stop reason."""
+    cycles = sorted((m for m in history if m["cycle"] >= SEED_CYCLE), key=lambda m: m["cycle"])
+    trait = [(m["cycle"], _mean(m, "trait")) for m in cycles if _mean(m, "trait") is not None]
+    coherence = [_mean(m, "coherence") for m in cycles if _mean(m, "coherence") is not None]
+    bf = [(m["cycle"], _mean(m, "branching_factor")) for m in cycles if _mean(m, "branching_factor") is not None]
+    peak = max(trait, key=lambda point: (point[1], -point[0]), default=(None, None))
+    verdict = amplification(history, settings)
+    return {
+        "peak_trait": peak[1],
+        "peak_cycle": peak[0],
+        "final_trait": trait[-1][1] if trait else None,
+        "min_coherence": min(coherence, default=None),
+        "final_coherence": coherence[-1] if coherence else None,
+        "bf_seed": bf[0][1] if bf and bf[0][0] == SEED_CYCLE else None,
+        "bf_final": bf[-1][1] if bf else None,
+        "bf_slope": _slope([c for c, _ in bf], [v for _, v in bf]),
+        "cycles_done": max((m["cycle"] for m in history), default=None),
+        "stop_reason": stop_reason,
+        **{f"amplification/{k}": v for k, v in verdict.items()},
+        "amplified": verdict["amplified"],
+    }
+
+
+def _mean(metrics: dict, name: str) -> float | None:
+    value = metrics.get(name)
+    return value.get("mean") if isinstance(value, dict) else None
 
 
 def _qualifies(score: dict, seed: dict, settings: AmplificationConfig) -> bool:

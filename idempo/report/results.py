@@ -1,0 +1,191 @@
+"""A sweep's results, read back from its artifacts alone: works while the sweep is still running.
+
+A trial's completed cycles are the `metrics.json` files that exist (they are written atomically, so a
+cycle in progress is simply absent); `stopped.json` says the coherence floor ended it. The sweep's axes
+come from the `sweep.json` that `idempo sweep` writes, or, for a dir without one, from the config fields
+whose values differ between trials.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from idempo.artifacts import SEED_CYCLE, TrialLayout, read_json
+from idempo.config import AmplificationConfig, ConfigError
+from idempo.evaluation.stats import mean_ci
+
+# Trials that differ only in these are replicas of one configuration.
+REPLICA_AXES = ("seed", "seeding.seed")
+
+
+@dataclass
+class TrialResult:
+    name: str
+    directory: Path
+    config: dict[str, Any]  # the resolved config, as config.yaml holds it
+    axes: dict[str, Any]  # this trial's values of the sweep's axes
+    history: list[dict]  # metrics.json of the completed cycles, by cycle (-1 = M_init, 0 = M_seed)
+    stopped: dict | None  # {"cycle", "reason"} when the stopper ended the trial
+
+    @property
+    def planned_cycles(self) -> int:
+        return int(self.config.get("cycles", 0))
+
+    @property
+    def last_cycle(self) -> int | None:
+        return self.history[-1]["cycle"] if self.history else None
+
+    @property
+    def status(self) -> str:
+        """complete, stopped, partial (running or interrupted) or not started (no config.yaml yet)."""
+        if self.stopped:
+            return "stopped"
+        if not self.config:
+            return "not started"
+        done = self.last_cycle is not None and self.last_cycle >= self.planned_cycles
+        return "complete" if done else "partial"
+
+    @property
+    def persona(self) -> str:
+        return str(self.config.get("persona", "?"))
+
+    @property
+    def regime(self) -> str:
+        return str(self.config.get("regime", "sft"))
+
+    def amplification_settings(self, overrides: dict[str, Any] | None = None) -> AmplificationConfig:
+        own = (self.config.get("evaluation") or {}).get("amplification") or {}
+        return AmplificationConfig(**{**own, **(overrides or {})})
+
+    def value(self, key: str) -> Any:
+        """A config field by its dotted name."""
+        return dotted_get(self.config, key)
+
+
+@dataclass
+class SweepResults:
+    name: str
+    directory: Path
+    axes: dict[str, list[Any]]
+    trials: list[TrialResult]
+    wandb: dict[str, Any] | None  # the sweep's W&B settings, when sweep.json has them
+
+    @property
+    def config_keys(self) -> set[str]:
+        return {key for trial in self.trials for key in flat_config(trial.config)}
+
+    def replica_groups(self) -> dict[tuple, list[TrialResult]]:
+        """Trials keyed by their non-replica axis values; each group's trials differ only in seed."""
+        groups: dict[tuple, list[TrialResult]] = {}
+        for trial in self.trials:
+            key = tuple((axis, trial.axes.get(axis)) for axis in self.axes if axis not in REPLICA_AXES)
+            groups.setdefault(key, []).append(trial)
+        return groups
+
+
+def read_trial(directory: Path) -> TrialResult:
+    layout = TrialLayout(directory)
+    config = yaml.safe_load(layout.config.read_text()) if layout.config.exists() else {}
+    history = []
+    cycles_dir = directory / "cycles"
+    if cycles_dir.is_dir():
+        for cycle_dir in cycles_dir.iterdir():
+            cycle = TrialLayout.cycle_of(cycle_dir)
+            if cycle is not None and layout.is_complete(cycle):
+                history.append(read_json(layout.metrics(cycle)))
+    history.sort(key=lambda m: m["cycle"])
+    stopped_file = directory / "stopped.json"
+    stopped = read_json(stopped_file) if stopped_file.exists() else None
+    return TrialResult(directory.name, directory, config, {}, history, stopped)
+
+
+def load_results(directory: str | Path) -> SweepResults:
+    """Every trial under <sweep dir>/trials, with the sweep's axes."""
+    directory = Path(directory).expanduser().resolve()
+    trials_dir = directory / "trials"
+    if not trials_dir.is_dir() and not (directory / "sweep.json").exists():
+        raise ConfigError([f"sweep dir: {directory} has no trials/ (give <storage_path>/<sweep name>)"])
+    record = read_json(directory / "sweep.json") if (directory / "sweep.json").exists() else {}
+    started = sorted(trials_dir.iterdir()) if trials_dir.is_dir() else []
+    names = list(record.get("trials", {}))  # the sweep's order; planned trials that have not started too
+    names += [d.name for d in started if (d / "config.yaml").exists() and d.name not in names]
+    trials = [read_trial(trials_dir / name) for name in names]
+    if not trials:
+        raise ConfigError([f"sweep dir: {directory} has no trial with a config.yaml yet"])
+    if record.get("axes") is not None:
+        axes = {key: list(values) for key, values in record["axes"].items()}
+        for trial in trials:
+            trial.axes = dict(record.get("trials", {}).get(trial.name) or {k: trial.value(k) for k in axes})
+    else:
+        axes = _varying_fields(trials)
+        for trial in trials:
+            trial.axes = {key: trial.value(key) for key in axes}
+    return SweepResults(record.get("name", directory.name), directory, axes, trials, record.get("wandb"))
+
+
+def dotted_get(data: dict[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        if not isinstance(data, dict):
+            return None
+        data = data.get(part)
+    return data
+
+
+def flat_config(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(flat_config(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def series(trial: TrialResult, metric: str, first_cycle: int = SEED_CYCLE) -> list[tuple[int, float, float, float]]:
+    """(cycle, mean, ci low, ci high) of a metric with a 95% interval, from `first_cycle` on."""
+    points = []
+    for metrics in trial.history:
+        value = metrics.get(metric)
+        if metrics["cycle"] < first_cycle or not isinstance(value, dict) or value.get("mean") is None:
+            continue
+        low, high = value.get("ci95") or [None, None]
+        mean = value["mean"]
+        points.append((metrics["cycle"], mean, mean if low is None else low, mean if high is None else high))
+    return points
+
+
+def _varying_fields(trials: list[TrialResult]) -> dict[str, list[Any]]:
+    flats = [flat_config(t.config) for t in trials]
+    keys = sorted({k for flat in flats for k in flat})
+    axes = {}
+    for key in keys:
+        values = []
+        for flat in flats:
+            if flat.get(key) not in values:
+                values.append(flat.get(key))
+        if len(values) > 1:
+            axes[key] = values
+    return axes
+
+
+def aggregate(trials: list[TrialResult], metric: str) -> list[tuple[int, float, float, float, int]]:
+    """(cycle, mean, low, high, n) of a metric over replicas: one trial keeps its own 95% interval
+    (over evaluation answers); several get the interval of their means (over replicas)."""
+    if len(trials) == 1:
+        return [(c, m, low, high, 1) for c, m, low, high in series(trials[0], metric)]
+    by_cycle: dict[int, list[tuple[float, float, float]]] = {}
+    for trial in trials:
+        for cycle, *point in series(trial, metric):
+            by_cycle.setdefault(cycle, []).append(tuple(point))
+    points = []
+    for cycle, values in sorted(by_cycle.items()):
+        if len(values) == 1:  # one replica got this far (the others are partial or stopped)
+            points.append((cycle, *values[0], 1))
+            continue
+        summary = mean_ci([mean for mean, _, _ in values])
+        points.append((cycle, summary["mean"], *summary["ci95"], summary["n"]))
+    return points

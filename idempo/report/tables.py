@@ -1,0 +1,98 @@
+"""The report's tables: one row per trial, one per replica group, one per (trial, cycle)."""
+
+from __future__ import annotations
+
+import csv
+import io
+from typing import Any
+
+from idempo.evaluation.amplification import trial_summary
+from idempo.evaluation.stats import mean_ci
+from idempo.report.results import SweepResults, TrialResult
+from idempo.tracking import flatten
+
+SUMMARY_COLUMNS = ("peak_trait", "peak_cycle", "final_trait", "min_coherence", "bf_seed", "bf_final", "bf_slope")
+
+
+def trial_rows(results: SweepResults, amplification: dict[str, Any] | None = None) -> list[dict]:
+    """Per trial: status, the trait's seed/peak/final, minimum coherence, BF trend, the verdict."""
+    return [_trial_row(trial, results, amplification) for trial in results.trials]
+
+
+def _trial_row(trial: TrialResult, results: SweepResults, amplification: dict[str, Any] | None) -> dict:
+    stop_reason = (trial.stopped or {}).get("reason")
+    summary = trial_summary(trial.history, trial.amplification_settings(amplification), stop_reason)
+    done = trial.last_cycle
+    return {
+        "trial": trial.name,
+        **{axis: trial.axes.get(axis) for axis in results.axes},
+        "status": trial.status,
+        "cycles": f"{'-' if done is None else max(done, 0)}/{trial.planned_cycles}",
+        "seed_trait": summary["amplification/seed_score"],
+        **{key: summary[key] for key in SUMMARY_COLUMNS},
+        "amplified": summary["amplified"],
+        "first_amplified_cycle": summary["amplification/first_amplified_cycle"],
+        "stop_reason": stop_reason,
+    }
+
+
+def replica_rows(results: SweepResults, trials: list[dict]) -> list[dict]:
+    """Per configuration: how many replicas, mean final and peak trait across them, amplified count."""
+    by_name = {row["trial"]: row for row in trials}
+    rows = []
+    for key, members in results.replica_groups().items():
+        own = [by_name[t.name] for t in members]
+        final = mean_ci([r["final_trait"] for r in own if r["final_trait"] is not None])
+        peak = mean_ci([r["peak_trait"] for r in own if r["peak_trait"] is not None])
+        decided = [r["amplified"] for r in own if r["amplified"] is not None]
+        rows.append(
+            {
+                **dict(key),
+                "replicas": len(members),
+                "complete": sum(r["status"] in ("complete", "stopped") for r in own),
+                "final_trait": final["mean"],
+                "final_trait_ci95": _interval(final),
+                "peak_trait": peak["mean"],
+                "amplified": f"{sum(decided)}/{len(decided)}" if decided else None,
+            }
+        )
+    return rows
+
+
+def cycle_rows(results: SweepResults) -> list[dict]:
+    """Every metric of every completed cycle, flattened ('trait/mean', 'trait/ci95_low', ...)."""
+    rows = []
+    for trial in results.trials:
+        for metrics in trial.history:
+            flat = flatten({k: v for k, v in metrics.items() if k != "cycle"})
+            rows.append({"trial": trial.name, **trial.axes, "status": trial.status, "cycle": metrics["cycle"], **flat})
+    return rows
+
+
+def to_csv(rows: list[dict]) -> str:
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def to_markdown(rows: list[dict]) -> str:
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row.get(c)).replace("|", "\\|") for c in columns) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _interval(aggregate: dict) -> str | None:
+    low, high = aggregate["ci95"]
+    return None if low is None else f"[{low:.1f}, {high:.1f}]"
