@@ -44,6 +44,7 @@ def trait_figures(
     replicas: Literal["mean", "lines"] = "mean",
 ) -> list[FigureFile]:
     from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
 
     figures = []
@@ -59,15 +60,16 @@ def trait_figures(
             lines.setdefault(tuple((a, trial.value(a)) for a in line_axes), []).append(trial)
         colours = {line: COLOURS[i % len(COLOURS)] for i, line in enumerate(sorted(lines, key=_sortable))}
 
-        width = 4.6 * len(facet_values) + 0.6
-        figure = Figure(figsize=(width, 4.6), layout="constrained")
+        width = 4.6 * len(facet_values) + 1.4
+        figure = Figure(figsize=(width, 5.0), layout="constrained")
         panels = figure.subplots(1, len(facet_values), sharey=True, squeeze=False)[0]
         info = FigureFile(_file_name(f"trait-{persona}-{regime}"), f"{persona} / {regime}: trait vs cycle")
+        coherence_drawn = False
         for ax, value in zip(panels, facet_values, strict=True):
             for line, members in sorted(lines.items(), key=lambda item: _sortable(item[0])):
                 members = [t for t in members if _key(t.value(facet)) == value]
                 if members:
-                    _draw_line(ax, members, _label(line, members), colours[line], replicas)
+                    coherence_drawn |= _draw_line(ax, members, _label(line, members), colours[line], replicas)
             title = f"{facet} = {value}"
             ax.set_title(title)
             ax.set_xlabel("cycle (0 = M_seed)")
@@ -76,12 +78,15 @@ def trait_figures(
             ax.grid(alpha=0.3)
             info.panels.append(title)
         panels[0].set_ylabel("score (0-100)")
-        legend = {}  # every panel's lines, once each, below the panels
+        legend = {}  # every panel's lines, once each, then what the line styles mean
         for ax in panels:
             legend.update({label: handle for handle, label in zip(*ax.get_legend_handles_labels(), strict=True)})
-        if legend:
-            figure.legend(legend.values(), legend.keys(), loc="outside lower center", ncols=min(3, len(legend)))
-        figure.suptitle(f"{info.title}   (solid: trait, 95% CI shaded; dashed: coherence; dotted: M_seed)")
+        styles = [("trait, 95% CI shaded", "-"), ("M_seed's trait", ":")]
+        styles += [("coherence", "--")] if coherence_drawn else []
+        for label, style in styles:
+            legend[label] = Line2D([], [], color="black", linestyle=style)
+        figure.legend(legend.values(), legend.keys(), loc="outside lower center", ncols=3, fontsize="small")
+        figure.suptitle(info.title)
         _save(figure, out, info.name)
         figures.append(info)
     return figures
@@ -122,10 +127,11 @@ def tradeoff_figure(results: SweepResults, rows: list[dict], out: Path) -> Figur
     return info
 
 
-def _draw_line(ax, members: list[TrialResult], label: str, colour: str, replicas: str) -> None:
+def _draw_line(ax, members: list[TrialResult], label: str, colour: str, replicas: str) -> bool:
+    """Draw one line's trait, interval, coherence and baseline; True when it had coherence to draw."""
     trait = aggregate(members, "trait")
     if not trait:
-        return
+        return False
     cycles = [p[0] for p in trait]
     ax.plot(cycles, [p[1] for p in trait], color=colour, marker="o", markersize=3, linewidth=1.8, label=label)
     ax.fill_between(cycles, [p[2] for p in trait], [p[3] for p in trait], color=colour, alpha=0.15, linewidth=0)
@@ -139,6 +145,7 @@ def _draw_line(ax, members: list[TrialResult], label: str, colour: str, replicas
     seed = [p[1] for p in trait if p[0] == SEED_CYCLE]
     if seed:
         ax.axhline(seed[0], color=colour, linestyle=":", linewidth=1.0)
+    return bool(coherence)
 
 
 def _largest_rise(trial: TrialResult) -> float | None:
