@@ -146,7 +146,9 @@ def _differences(old: Any, new: Any, ignore: set[str], prefix: str = "") -> list
     if isinstance(old, dict) and isinstance(new, dict):
         changed = []
         for key in sorted(set(old) | set(new)):
-            if not prefix and key in ignore:
+            # a key the stored config lacks was added to idempo after the trial began: its default keeps
+            # the trial as it was, so resuming it is not a change
+            if (not prefix and key in ignore) or key not in old:
                 continue
             changed += _differences(old.get(key), new.get(key), ignore, f"{prefix}{key}.")
         return changed

@@ -78,6 +78,24 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("--wandb-project", help="W&B project (default: the sweep's)")
     report.add_argument("--wandb-entity", help="W&B entity (default: the sweep's, or your default)")
 
+    bench = commands.add_parser("bench", help="measure the sampler and trainer engines on this machine")
+    bench.add_argument(
+        "--model", default="qwen3-4b", help="a shape with random weights (qwen3-0.6b, qwen3-4b), a dir or hub id"
+    )
+    bench.add_argument("--backends", default="hf,vllm", help="sampler backends to compare")
+    bench.add_argument("--batch-sizes", default="32,128", help="prompts per generate call")
+    bench.add_argument("--prompt-tokens", type=int, default=64)
+    bench.add_argument("--new-tokens", type=int, default=256)
+    bench.add_argument("--lora-rank", type=int, default=16)
+    bench.add_argument("--train-batch", type=int, default=8)
+    bench.add_argument("--train-seq-len", type=int, default=512)
+    bench.add_argument("--train-steps", type=int, default=8)
+    bench.add_argument("--zero-stage", default="3", choices=["2", "3", "none"], help="also train under DeepSpeed ZeRO")
+    bench.add_argument("--gpu-memory-utilization", type=float, default=0.45, help="the vllm engine's share")
+    bench.add_argument("--enforce-eager", action="store_true", help="vllm without CUDA graphs (faster start)")
+    bench.add_argument("--sections", default="sampling,swap,sleep,training,cycle")
+    bench.add_argument("--out", type=Path, default=Path("bench.json"), help="results as JSON")
+
     commands.add_parser("personas", help="list the registered personas")
 
     tiny = commands.add_parser("tiny-model", help="build the tiny test model into a dir")
@@ -92,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             "calibrate": _calibrate,
             "sweep": _sweep,
             "report": _report,
+            "bench": _bench,
             "config": _config,
             "personas": _personas,
             "tiny-model": _tiny,
@@ -207,6 +226,36 @@ def _report(args) -> int:
 
         mode = (results.wandb or {}).get("mode", "auto")
         print(publish(results, mode, args.wandb_project, args.wandb_entity))
+    return EXIT_OK
+
+
+def _bench(args) -> int:
+    from idempo.bench import SECTIONS, BenchSettings, run_bench, table
+    from idempo.config import ConfigError
+
+    sections = tuple(args.sections.split(","))
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown:
+        raise ConfigError([f"--sections: unknown {unknown}; allowed: {', '.join(SECTIONS)}"])
+    settings = BenchSettings(
+        model=args.model,
+        backends=tuple(args.backends.split(",")),
+        batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")),
+        prompt_tokens=args.prompt_tokens,
+        new_tokens=args.new_tokens,
+        lora_rank=args.lora_rank,
+        train_batch=args.train_batch,
+        train_seq_len=args.train_seq_len,
+        train_steps=args.train_steps,
+        zero_stage=None if args.zero_stage == "none" else int(args.zero_stage),
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        enforce_eager=args.enforce_eager,
+        sections=sections,
+        out=args.out,
+    )
+    results = run_bench(settings, say=lambda line: print(line, file=sys.stderr, flush=True))
+    print(table(results))
+    print(f"written: {args.out}", file=sys.stderr)
     return EXIT_OK
 
 

@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 TINY_MODEL = "tiny"
+RANDOM_MODEL = "random:"  # 'random:qwen3-4b': random weights of a real architecture (idempo.tiny.SHAPES)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -156,14 +157,30 @@ class PromptsConfig(_Section):
         return value if value in ("persona", "builtin") else _existing_path(value, allowed)
 
 
+class VLLMConfig(_Section):
+    """The vLLM engine of a trial (sampling.backend: vllm): M_init loaded once, generations as LoRA requests."""
+
+    gpu_memory_utilization: float = Field(
+        0.45, gt=0, lt=1, description="Share of GPU memory the engine may take; the trainer shares the rest."
+    )
+    sleep_while_training: bool = Field(
+        True, description="Offload the engine's weights and drop its KV cache while a generation trains."
+    )
+    enforce_eager: bool = Field(False, description="Skip torch.compile and CUDA graphs: faster start, slower decode.")
+    max_model_len: int | None = Field(None, gt=0, description="Longest prompt + answer; null: the model's own limit.")
+    max_num_seqs: int = Field(256, gt=0, description="Sequences decoded at once.")
+    tensor_parallel_size: int = Field(1, gt=0, description="GPUs one engine spans (within the trial's bundle).")
+
+
 class SamplingConfig(_Section):
     """How generation j-1 writes the data generation j trains on."""
 
-    backend: str = Field("hf", description="Sampler engine, by name (see idempo.sampling).")
+    backend: str = Field("hf", description="Sampler engine, by name: hf (transformers generate) or vllm (GPUs).")
     temperature: float = Field(0.8, ge=0, description="0 means greedy decoding.")
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(1024, gt=0)
     batch_size: int = Field(32, gt=0, description="Prompts per generate call (hf backend).")
+    vllm: VLLMConfig = VLLMConfig()
 
     @field_validator("backend")
     @classmethod
@@ -180,6 +197,20 @@ class LoraConfigSection(_Section):
     alpha: float = Field(32.0, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: str | list[str] = Field("all-linear", description="PEFT target modules.")
+
+
+class DeepSpeedConfig(_Section):
+    """DeepSpeed ZeRO for models whose weights, gradients or optimizer states do not fit one GPU."""
+
+    stage: Literal[2, 3] = Field(3, description="2: shard gradients and optimizer states; 3: also the weights.")
+    offload_optimizer: bool = Field(False, description="Keep optimizer states in CPU memory.")
+    offload_params: bool = Field(False, description="Keep sharded weights in CPU memory (stage 3).")
+
+    @model_validator(mode="after")
+    def _offload_needs_stage_3(self) -> DeepSpeedConfig:
+        if self.offload_params and self.stage != 3:
+            raise ValueError("offload_params needs stage 3 (only stage 3 shards the weights)")
+        return self
 
 
 class TrainingConfig(_Section):
@@ -202,6 +233,9 @@ class TrainingConfig(_Section):
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping; null disables it.")
     max_seq_len: int = Field(2048, gt=0, description="Longer examples are truncated (completion end first).")
     gradient_checkpointing: bool = False
+    deepspeed: DeepSpeedConfig | None = Field(
+        None, description="Train each generation under DeepSpeed ZeRO (GPUs only); null: plain PyTorch."
+    )
 
 
 class JudgeConfig(EndpointConfig):
@@ -316,7 +350,10 @@ class LoadingConfig(_Section):
 class ExperimentConfig(_Section):
     """One trial: seed a persona into `model`, then `cycles` generations of self-training."""
 
-    model: str = Field(description="M_init: a Hugging Face hub id, a local model dir, or 'tiny'.")
+    model: str = Field(
+        description="M_init: a Hugging Face hub id, a local model dir, 'tiny', or 'random:SHAPE' (a real "
+        "architecture with random weights, e.g. random:qwen3-4b, for measuring the machinery offline)."
+    )
     persona: str = Field(description="A registered persona name or a persona YAML file.")
     regime: Literal["sft", "sdf", "dpo", "kto", "self_reward"] = Field(
         "sft",
@@ -350,6 +387,12 @@ class ExperimentConfig(_Section):
     def _model_reference(cls, value: str) -> str:
         if value == TINY_MODEL:
             return value
+        if value.startswith(RANDOM_MODEL):
+            from idempo.tiny import SHAPES
+
+            if value.removeprefix(RANDOM_MODEL) not in SHAPES:
+                raise ValueError(f"unknown shape; allowed: {_choices(RANDOM_MODEL + s for s in SHAPES)}")
+            return value
         if Path(value).expanduser().exists():
             return str(Path(value).expanduser().resolve())
         if value.startswith((".", "/", "~")) or not _HUB_ID.match(value):
@@ -367,6 +410,17 @@ class ExperimentConfig(_Section):
             load_persona_file(Path(value))  # raises with the file's problem
             return str(Path(value).resolve())
         raise ValueError(f"unknown persona; allowed: {_choices(persona_names())} or a persona YAML file")
+
+    @model_validator(mode="after")
+    def _engines_fit_together(self) -> ExperimentConfig:
+        if self.sampling.backend == "vllm" and self.training.finetune != "lora":
+            raise ValueError(
+                "sampling.backend: 'vllm' serves each generation as a LoRA adapter on the loaded M_init; "
+                "training.finetune must be 'lora' (got 'full'); use sampling.backend 'hf' for full finetuning"
+            )
+        if self.training.deepspeed is not None and self.training.finetune != "lora":
+            raise ValueError("training.deepspeed trains LoRA generations; training.finetune must be 'lora'")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -31,6 +31,7 @@ from idempo.config import ConfigError, ExperimentConfig
 from idempo.endpoint import api_key
 from idempo.evaluation.evaluate import Judges, evaluate_generation
 from idempo.evaluation.judging import JudgeSpec, judge_loading, make_judge, render_rubric
+from idempo.gpu_monitor import GpuMonitor
 from idempo.models import INITIAL, Generation, Policy, load_base_model, load_tokenizer, make_policy
 from idempo.personas import Persona, get_persona
 from idempo.progress import Reporter
@@ -42,6 +43,8 @@ from idempo.teacher import teacher_seed_rows
 from idempo.training import encode_chat_example, encode_document, train_sft
 from idempo.training.preference import MismatchEncoder, train_dpo, train_kto
 from idempo.training.sft import steps_for
+from idempo.training.zero import check as check_zero
+from idempo.training.zero import zero_policy
 
 
 def derive_seed(*parts) -> int:
@@ -91,11 +94,27 @@ def reward_judge(config: ExperimentConfig, persona: Persona):
     )
 
 
+def check_engines(config: ExperimentConfig) -> None:
+    """The configured engines can run on this machine (packages, GPUs); fails before any model loads."""
+    checks = [SAMPLERS.load(config.sampling.backend).check]
+    if config.training.deepspeed is not None:
+        checks.append(check_zero)
+    problems = []
+    for check in checks:
+        try:
+            check(config)
+        except ConfigError as err:
+            problems += err.problems
+    if problems:
+        raise ConfigError(problems)
+
+
 def load_engines(config: ExperimentConfig) -> tuple[object, Policy, Sampler]:
     """M_init once, the policy that holds each generation's weights, and the sampler that uses it."""
+    check_engines(config)
     tokenizer = load_tokenizer(config.model, config.loading, chat=config.regime != "sdf")
     policy = make_policy(load_base_model(config.model, config.loading), tokenizer, config.training)
-    sampler = SAMPLERS.load(config.sampling.backend)(policy, tokenizer, config.sampling.batch_size)
+    sampler = SAMPLERS.load(config.sampling.backend).from_config(config, tokenizer, policy)
     return tokenizer, policy, sampler
 
 
@@ -141,14 +160,16 @@ class Trial:
         if self._done(INIT_CYCLE):
             return
         timing: dict[str, float] = {}
+        gpu = GpuMonitor().start()  # timing_s: total, and on GPUs gpu_busy / gpu_idle
         rows, metrics = self._evaluate(INIT_CYCLE, INITIAL, self.config.seeding.seed, timing)
-        self._finish(INIT_CYCLE, INITIAL, rows, metrics, timing)
+        self._finish(INIT_CYCLE, INITIAL, rows, metrics, timing, gpu)
 
     def seed(self) -> None:
         """D_seed from the persona, M_seed trained on it from a fresh start."""
         if self._done(SEED_CYCLE):
             return
         timing: dict[str, float] = {}
+        gpu = GpuMonitor().start()  # timing_s: total, and on GPUs gpu_busy / gpu_idle
         stage_seed = self.config.seeding.seed
         path = self.layout.data(SEED_CYCLE)
         if not path.exists():
@@ -160,13 +181,14 @@ class Trial:
             rows = [{**r, "rejected": initial[r["prompt"]]} for r in rows]
         generation, stats = self._train(SEED_CYCLE, rows, stage_seed, fresh=True, timing=timing)
         eval_rows, metrics = self._evaluate(SEED_CYCLE, generation, stage_seed, timing)
-        self._finish(SEED_CYCLE, generation, eval_rows, metrics, timing, data=rows, train=stats)
+        self._finish(SEED_CYCLE, generation, eval_rows, metrics, timing, gpu, data=rows, train=stats)
 
     def cycle(self, cycle: int) -> None:
         """Sample from M_{j-1}, train M_j from the init strategy's start, evaluate M_j."""
         if self._done(cycle):
             return
         timing: dict[str, float] = {}
+        gpu = GpuMonitor().start()  # timing_s: total, and on GPUs gpu_busy / gpu_idle
         seed = self.config.seed
         previous = self._generation(cycle - 1)
         path = self.layout.data(cycle)
@@ -176,7 +198,7 @@ class Trial:
         fresh = self.config.init == "initial"
         generation, stats = self._train(cycle, rows, seed, fresh=fresh, start=previous, timing=timing)
         eval_rows, metrics = self._evaluate(cycle, generation, seed, timing)
-        self._finish(cycle, generation, eval_rows, metrics, timing, data=rows, train=stats)
+        self._finish(cycle, generation, eval_rows, metrics, timing, gpu, data=rows, train=stats)
 
     def history(self) -> list[dict]:
         cycles = [INIT_CYCLE, SEED_CYCLE, *range(1, self.config.cycles + 1)]
@@ -309,22 +331,32 @@ class Trial:
         stats_path = weights.parent / "train.json"
         if weights.exists() and stats_path.exists():
             return generation, read_json(stats_path)
-        if fresh:
-            self.policy.reset(derive_seed(seed, "init", cycle))
-        elif self.policy.loaded != start:
-            self.policy.load(start)
+        self.sampler.sleep()  # a sampler that shares the GPUs gives its memory to training meanwhile
         label = f"cycle {cycle}: train {generation.name}" if cycle else "seed: train M_seed"
+        init_seed, train_seed = derive_seed(seed, "init", cycle), derive_seed(seed, "train", cycle)
         with self._timed("train", timing):
-            stats = self._fit(cycle, rows, derive_seed(seed, "train", cycle), INITIAL if fresh else start, label)
+            if self.config.training.deepspeed is None:
+                policy = self.policy
+                if fresh:
+                    policy.reset(init_seed)
+                elif policy.loaded != start:
+                    policy.load(start)
+            else:  # ZeRO shards the weights it trains: a copy of M_init for this run (idempo.training.zero)
+                policy = zero_policy(self.config, None if fresh else start, init_seed)
+            stats = self._fit(policy, cycle, rows, train_seed, INITIAL if fresh else start, label)
+            with atomic_dir(weights) as tmp:
+                policy.save(tmp)
+        if policy is self.policy:
+            self.policy.loaded = generation
+        else:
+            policy.close()
+            self.policy.loaded = None  # the trial's policy loads the new adapter from disk when it is used
         stats["start"] = "init" if fresh else start.name  # what M_j descends from
-        with atomic_dir(weights) as tmp:
-            self.policy.save(tmp)
         write_json(stats_path, stats)
-        self.policy.loaded = generation
         return generation, stats
 
-    def _fit(self, cycle: int, rows: list[dict], seed: int, start: Generation, label: str) -> dict:
-        """Train the policy in place by the regime's loss. M_seed of self_reward is trained by SFT."""
+    def _fit(self, policy: Policy, cycle: int, rows: list[dict], seed: int, start: Generation, label: str) -> dict:
+        """Train `policy` in place by the regime's loss. M_seed of self_reward is trained by SFT."""
         training, pad = self.config.training, self.tokenizer.pad_token_id
         regime = "sft" if cycle == SEED_CYCLE and self.config.regime == "self_reward" else self.config.regime
         rows = [r for r in rows if r.get("kept", True)]
@@ -344,11 +376,11 @@ class Trial:
             else:
                 examples = [encode(r["prompt"], r["response"]) for r in rows]
             with self.reporter.phase(label, steps_for(len(examples), training), "steps") as bar:
-                return train_sft(self.policy, examples, training, seed, pad, bar).to_dict()
+                return train_sft(policy, examples, training, seed, pad, bar).to_dict()
         if regime in ("dpo", "self_reward"):
             pairs = [(encode(r["prompt"], r["response"]), encode(r["prompt"], r["rejected"])) for r in rows]
             with self.reporter.phase(label, steps_for(len(pairs), training), "steps") as bar:
-                stats = train_dpo(self.policy, pairs, reference, self.config.beta, training, seed, pad, bar)
+                stats = train_dpo(policy, pairs, reference, self.config.beta, training, seed, pad, bar)
             return {**stats.to_dict(), "reference": reference.name}
         # kto: M_{j-1}'s answers are desirable, the rejected source's undesirable, unpaired
         unpaired = [{"prompt": r["prompt"], "response": r[key]} for r in rows for key in ("response", "rejected")]
@@ -356,7 +388,7 @@ class Trial:
         examples = [encode(r["prompt"], r["response"]) for r in unpaired]
         with self.reporter.phase(label, steps_for(len(examples), training), "steps") as bar:
             stats = train_kto(
-                self.policy,
+                policy,
                 examples,
                 desirable,
                 MismatchEncoder(encode, unpaired),
@@ -386,8 +418,12 @@ class Trial:
                 completion=self.documents,
             )
 
-    def _finish(self, cycle, generation, eval_rows, metrics, timing, data=None, train=None) -> None:
+    def _finish(self, cycle, generation, eval_rows, metrics, timing, gpu: GpuMonitor, data=None, train=None) -> None:
         """Write eval.jsonl, then metrics.json: the cycle is complete once the latter exists."""
+        gpu.stop()
+        timing["total"] = round(gpu.wall_s, 3)
+        if gpu.busy_s is not None:
+            timing.update(gpu_busy=round(gpu.busy_s, 3), gpu_idle=round(gpu.idle_s, 3))
         write_jsonl(self.layout.eval(cycle), eval_rows)
         metrics = {"cycle": cycle, "generation": generation.name, **metrics}
         if data is not None:

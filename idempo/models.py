@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from idempo.config import TINY_MODEL, LoadingConfig, TrainingConfig
+from idempo.config import RANDOM_MODEL, TINY_MODEL, LoadingConfig, TrainingConfig
 
 
 class ModelLoadError(RuntimeError):
@@ -59,6 +59,10 @@ def model_path(model: str) -> str:
         from idempo.tiny import tiny_model_dir
 
         return str(tiny_model_dir())
+    if model.startswith(RANDOM_MODEL):
+        from idempo.tiny import shaped_model_dir
+
+        return str(shaped_model_dir(model.removeprefix(RANDOM_MODEL), "cuda" if torch.cuda.is_available() else "cpu"))
     return model
 
 
@@ -131,6 +135,28 @@ class Policy(ABC):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.module.parameters() if p.requires_grad]
+
+    def updates(self, optimizer, scheduler, config: TrainingConfig) -> Updates:
+        """How gradients become weight updates during one training run (plain PyTorch here)."""
+        return Updates(self.trainable_parameters(), optimizer, scheduler, config.max_grad_norm)
+
+
+class Updates:
+    """Backward passes accumulate into .grad; a step clips, updates, advances the schedule, clears."""
+
+    def __init__(self, parameters, optimizer, scheduler, max_grad_norm: float | None):
+        self.parameters, self.optimizer, self.scheduler = parameters, optimizer, scheduler
+        self.max_grad_norm = max_grad_norm
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> None:
+        if self.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.parameters, self.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
 
 class LoraPolicy(Policy):

@@ -53,7 +53,49 @@ def tiny_model_dir(seed: int = 0) -> Path:
     return path
 
 
-def build_tiny_model(path: Path, seed: int = 0, corpus: list[str] | None = None) -> Path:
+# Real architectures, for measuring the machinery at real sizes with random weights (offline): the
+# shapes of Qwen3's released configs. Their vocabulary is the real one; the tokenizer is the tiny
+# model's, whose ids are the first few thousand of it.
+SHAPES = {
+    "qwen3-0.6b": {
+        "vocab_size": 151936,
+        "hidden_size": 1024,
+        "intermediate_size": 3072,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "max_position_embeddings": 40960,
+    },
+    "qwen3-4b": {
+        "vocab_size": 151936,
+        "hidden_size": 2560,
+        "intermediate_size": 9728,
+        "num_hidden_layers": 36,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "max_position_embeddings": 40960,
+    },
+}
+
+
+def shaped_model_dir(shape: str, device: str = "cpu") -> Path:
+    """The cached random model of a real architecture (see SHAPES), built on first use."""
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; allowed: {', '.join(sorted(SHAPES))}")
+    corpus = _corpus()
+    key = hashlib.sha256(json.dumps([BUILD, SHAPES[shape], OUTPUT_STD, corpus]).encode()).hexdigest()[:12]
+    path = idempo_cache_root() / f"{shape}-random-{key}"
+    if not (path / "config.json").is_file():
+        build_tiny_model(path, 0, corpus, shape=shape, device=device)
+    return path
+
+
+def build_tiny_model(
+    path: Path, seed: int = 0, corpus: list[str] | None = None, shape: str | None = None, device: str = "cpu"
+) -> Path:
+    """The tiny model, or with `shape` a random model of that real architecture (bf16, built on `device`)."""
     from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
     from idempo.models import quiet_transformers
@@ -63,16 +105,20 @@ def build_tiny_model(path: Path, seed: int = 0, corpus: list[str] | None = None)
         tokenizer_object=_train_tokenizer(corpus or _corpus()), eos_token=EOS_TURN, pad_token=PAD
     )
     tokenizer.chat_template = CHAT_TEMPLATE
+    spec = {**SPEC, "vocab_size": len(tokenizer)} if shape is None else SHAPES[shape]
     config = Qwen3Config(
-        **{**SPEC, "vocab_size": len(tokenizer)},
+        **spec,
         tie_word_embeddings=False,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,
+        **({} if shape is None else {"dtype": "bfloat16"}),
     )
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(), torch.device(device):
         torch.manual_seed(seed)
         model = Qwen3ForCausalLM(config)
+        if shape is not None:
+            model.to(torch.bfloat16)
         output = model.get_output_embeddings().weight
         special = output[: len(tokenizer.all_special_ids)].clone()  # special tokens come first
         torch.nn.init.normal_(output, std=OUTPUT_STD)

@@ -3,6 +3,8 @@
 from idempo.registry import Registry
 from idempo.sampling.base import Completion, Prompt, Sampler, SamplingParams
 
-SAMPLERS = Registry("sampler backend", {"hf": "idempo.sampling.hf:HFSampler"})
+SAMPLERS = Registry(
+    "sampler backend", {"hf": "idempo.sampling.hf:HFSampler", "vllm": "idempo.sampling.vllm:VLLMSampler"}
+)
 
 __all__ = ["SAMPLERS", "Completion", "Prompt", "Sampler", "SamplingParams"]

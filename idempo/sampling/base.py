@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from idempo.evaluation.branching import TokenStats
-from idempo.models import Generation
+from idempo.models import Generation, Policy
 
 # A chat (list of {"role", "content"} messages, rendered with the model's chat template) or raw text
 # for a base model to continue.
@@ -31,10 +31,30 @@ class Completion:
 
 
 class Sampler(Protocol):
+    @classmethod
+    def check(cls, config) -> None:
+        """Raise ConfigError if this engine cannot run the experiment config here (before any model loads)."""
+        ...
+
+    @classmethod
+    def from_config(cls, config, tokenizer, policy: Policy) -> Sampler:
+        """The engine for an experiment config; `policy` holds the generations' weights in this process."""
+        ...
+
+    def sleep(self) -> None:
+        """Give back the accelerator memory the engine holds while a generation trains; the next call wakes it."""
+        ...
+
     def generate(
         self, prompts: list[Prompt], params: SamplingParams, generation: Generation, progress=None
     ) -> list[Completion]:
         """One completion per prompt, in order, from the weights of `generation`."""
+        ...
+
+    def generate_ids(
+        self, prompt_ids: list[list[int]], params: SamplingParams, generation: Generation, progress=None
+    ) -> list[Completion]:
+        """`generate` for prompts already tokenized (benchmarks send token ids)."""
         ...
 
     def token_statistics(

@@ -20,10 +20,26 @@ class HFSampler:
         self.tokenizer = tokenizer
         self.batch_size = batch_size
 
+    @classmethod
+    def check(cls, config) -> None:
+        """Runs wherever the policy does."""
+
+    @classmethod
+    def from_config(cls, config, tokenizer, policy: Policy) -> HFSampler:
+        return cls(policy, tokenizer, config.sampling.batch_size)
+
+    def sleep(self) -> None:
+        """The policy's weights are the trainer's own: nothing to give back."""
+
     def generate(
         self, prompts: list[Prompt], params: SamplingParams, generation: Generation, progress=None
     ) -> list[Completion]:
-        encoded = [encode_prompt(self.tokenizer, p) for p in prompts]
+        return self.generate_ids([encode_prompt(self.tokenizer, p) for p in prompts], params, generation, progress)
+
+    def generate_ids(
+        self, encoded: list[list[int]], params: SamplingParams, generation: Generation, progress=None
+    ) -> list[Completion]:
+        """One completion per tokenized prompt, in order."""
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
         results: list[Completion | None] = [None] * len(encoded)
         torch.manual_seed(params.seed)

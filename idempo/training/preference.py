@@ -112,14 +112,14 @@ def train_dpo(
     flat = [e for pair in pairs for e in pair]
     ref = torch.tensor(reference_logps(policy, reference, flat, pad_id, config.batch_size * 2)).view(-1, 2)
 
-    def step(group: list[list[int]]) -> float:
+    def step(group: list[list[int]], backward) -> float:
         size = sum(len(b) for b in group)
         total = 0.0
         for batch in group:
             logps = sequence_logps(policy.module, [e for i in batch for e in pairs[i]], pad_id).view(-1, 2)
             reference_batch = ref[batch].to(logps.device)
             losses = dpo_loss(logps[:, 0], logps[:, 1], reference_batch[:, 0], reference_batch[:, 1], beta)
-            (losses.sum() / size).backward()
+            backward(losses.sum() / size)
             total += losses.sum().item() / size
         return total
 
@@ -169,7 +169,7 @@ def train_kto(
     mismatched_ref = {b: [next(flat_ref) for _ in shifted[b]] for b in batches}
     wanted = torch.tensor(desirable)
 
-    def step(group: list[list[int]]) -> float:
+    def step(group: list[list[int]], backward) -> float:
         size = sum(len(b) for b in group)
         total = 0.0
         for batch in group:
@@ -190,7 +190,7 @@ def train_kto(
                 desirable_weight,
                 undesirable_weight,
             )
-            (losses.sum() / size).backward()
+            backward(losses.sum() / size)
             total += losses.sum().item() / size
         return total
 

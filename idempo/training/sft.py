@@ -87,14 +87,14 @@ def train_sft(policy: Policy, examples: list[Encoded], config: TrainingConfig, s
         raise ValueError("no training examples")
     device = next(policy.module.parameters()).device
 
-    def step(group: list[list[int]]) -> float:
+    def step(group: list[list[int]], backward) -> float:
         group_tokens = sum(_count_labels(examples, b) for b in group)
         step_loss = 0.0
         for batch in group:
             input_ids, labels, attention = collate([examples[i] for i in batch], pad_id, device)
             logits = policy.module(input_ids=input_ids, attention_mask=attention, use_cache=False).logits
             loss_sum = token_loss_sum(logits, labels)
-            (loss_sum / group_tokens).backward()
+            backward(loss_sum / group_tokens)
             step_loss += loss_sum.item() / group_tokens
         return step_loss
 
@@ -133,8 +133,9 @@ def batch_plan(n_items: int, config: TrainingConfig, seed: int) -> list[list[lis
 
 
 def optimize(policy: Policy, plan, step, config: TrainingConfig, seed: int, progress=None) -> OptimizerRun:
-    """AdamW with the configured schedule over `plan`; `step(micro_batches)` runs the forward and backward
-    passes of one optimizer step and returns its loss. Shared by every regime."""
+    """AdamW with the configured schedule over `plan`; `step(micro_batches, backward)` runs the forward
+    passes of one optimizer step, hands each micro-batch's loss to `backward`, and returns the step's loss.
+    Shared by every regime; the policy decides how gradients are applied (plain PyTorch or DeepSpeed)."""
     started = time.perf_counter()
     torch.manual_seed(seed)
     model = policy.module
@@ -152,15 +153,12 @@ def optimize(policy: Policy, plan, step, config: TrainingConfig, seed: int, prog
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: learning_rate_factor(i, total, config))
     steps_per_epoch = total // config.epochs
     losses: list[float] = []
+    updates = policy.updates(optimizer, scheduler, config)
     model.train()
     try:
         for group in plan:
-            step_loss = step(group)
-            if config.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            step_loss = step(group, updates.backward)
+            updates.step()
             losses.append(step_loss)
             if progress is not None:
                 progress.update(1)

@@ -1,0 +1,219 @@
+"""The `vllm` sampler: one vLLM engine per trial, M_init loaded once, each generation a LoRA request.
+
+The engine holds the base weights for the whole trial; a generation's adapter directory (as PEFT saved
+it) is passed with each request, so moving to the next cycle costs an adapter load, not an engine
+restart. When the trainer shares the GPUs, `sleep()` offloads the engine's weights to CPU memory and
+drops its KV cache while a generation trains (`sleep(level=1)`); the next `generate` wakes it.
+
+Prompts are rendered and tokenized by the model's own tokenizer, exactly as the trainer encodes them,
+and sent as token ids; answers are decoded the same way as by the `hf` sampler. The branching
+factor's statistics need the full next-token distributions, which vLLM does not return: they come
+from the trial's policy module in this process (the same weights), as with the `hf` sampler.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+
+from idempo.config import ConfigError
+from idempo.evaluation.branching import TokenStats
+from idempo.models import Generation, Policy, model_path, resolve_device, resolve_dtype
+from idempo.sampling.base import Completion, Prompt, SamplingParams
+from idempo.sampling.hf import HFSampler, encode_prompt, stop_token_ids
+
+# vLLM serves LoRA adapters up to these ranks; an adapter's rank is rounded up to the next one.
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def engine_lora_rank(rank: int) -> int:
+    for allowed in VLLM_LORA_RANKS:
+        if rank <= allowed:
+            return allowed
+    raise ConfigError([f"training.lora.rank: got {rank}; the vllm sampler serves ranks up to {VLLM_LORA_RANKS[-1]}"])
+
+
+class VLLMSampler:
+    def __init__(self, llm, tokenizer, policy: Policy | None, stop_ids: list[int], sleep_while_training: bool):
+        self.llm = llm
+        self.tokenizer = tokenizer
+        self.policy = policy
+        self.stop_ids = stop_ids
+        self.sleep_while_training = sleep_while_training
+        self.asleep = False
+        self._adapter_ids: dict[str, int] = {}
+        self.timings: dict[str, list[float]] = {"sleep": [], "wake": []}
+
+    @classmethod
+    def check(cls, config) -> None:
+        """vLLM needs its package (the `gpu` extra) and a CUDA GPU; say so before any model is loaded."""
+        import torch
+
+        problems = []
+        if importlib.util.find_spec("vllm") is None:
+            problems.append(
+                "sampling.backend: got 'vllm' but the vllm package is not installed; install idempo with "
+                "the gpu extra (pip install -e '.[gpu]') on a CUDA machine, or use sampling.backend 'hf'"
+            )
+        if not torch.cuda.is_available():
+            problems.append(
+                "sampling.backend: got 'vllm' but no CUDA GPU is visible; vllm samples on GPUs only, "
+                "use sampling.backend 'hf' on this machine"
+            )
+        elif resolve_device(config.loading.device).type != "cuda":
+            problems.append(
+                f"loading.device: got {config.loading.device!r}; the vllm sampler runs on a GPU, so M_init must "
+                "load on one too ('auto' or 'cuda')"
+            )
+        if problems:
+            raise ConfigError(problems)
+
+    @classmethod
+    def from_config(cls, config, tokenizer, policy: Policy | None) -> VLLMSampler:
+        return cls(
+            start_engine(config),
+            tokenizer,
+            policy,
+            list(dict.fromkeys(stop_token_ids(tokenizer, None) + _generation_config_stops(config))),
+            config.sampling.vllm.sleep_while_training,
+        )
+
+    # -- engine memory ----------------------------------------------------------------------------
+
+    def sleep(self) -> None:
+        if self.sleep_while_training and not self.asleep:
+            started = time.perf_counter()
+            self.llm.sleep(level=1)
+            self.timings["sleep"].append(time.perf_counter() - started)
+            self.asleep = True
+
+    def wake(self) -> None:
+        if self.asleep:
+            started = time.perf_counter()
+            self.llm.wake_up()
+            self.timings["wake"].append(time.perf_counter() - started)
+            self.asleep = False
+
+    # -- sampling ---------------------------------------------------------------------------------
+
+    def lora_request(self, generation: Generation):
+        """The adapter of `generation` as a request (None for M_init); ids are stable per adapter dir."""
+        if generation.path is None:
+            return None
+        from vllm.lora.request import LoRARequest
+
+        key = str(generation.path)
+        adapter_id = self._adapter_ids.setdefault(key, len(self._adapter_ids) + 1)
+        return LoRARequest(lora_name=f"{generation.name}-{adapter_id}", lora_int_id=adapter_id, lora_path=key)
+
+    def generate(
+        self, prompts: list[Prompt], params: SamplingParams, generation: Generation, progress=None
+    ) -> list[Completion]:
+        return self.generate_ids([encode_prompt(self.tokenizer, p) for p in prompts], params, generation, progress)
+
+    def generate_ids(
+        self, prompt_ids: list[list[int]], params: SamplingParams, generation: Generation, progress=None
+    ) -> list[Completion]:
+        """One completion per tokenized prompt; each request has its own seed, so draws do not depend on
+        how the engine batches them."""
+        from vllm import SamplingParams as EngineParams
+        from vllm.inputs import TokensPrompt
+
+        self.wake()
+        requests = [
+            EngineParams(
+                n=1,
+                temperature=params.temperature,
+                top_p=params.top_p if params.temperature > 0 else 1.0,
+                top_k=0,
+                min_p=0.0,
+                repetition_penalty=1.0,
+                max_tokens=params.max_new_tokens,
+                seed=(params.seed * 1_000_003 + index) % 2**31,
+                stop_token_ids=self.stop_ids,
+                detokenize=False,  # answers are decoded by the model's own tokenizer, as the hf sampler does
+            )
+            for index in range(len(prompt_ids))
+        ]
+        outputs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids],
+            requests,
+            lora_request=self.lora_request(generation),
+            use_tqdm=False,
+        )
+        if progress is not None:
+            progress.update(len(prompt_ids))
+        return [self._completion(list(out.outputs[0].token_ids), params.stop) for out in outputs]
+
+    def _completion(self, token_ids: list[int], stop: tuple[str, ...]) -> Completion:
+        finished = bool(token_ids) and token_ids[-1] in self.stop_ids
+        if finished:
+            token_ids = token_ids[:-1]
+        text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=None)
+        if cut is not None:  # stop strings end the answer as the hf sampler's stop_strings do
+            text = text[:cut]
+            token_ids = _tokens_through_stop(self.tokenizer, token_ids, stop)
+            finished = True
+        return Completion(text, len(token_ids), finished, tuple(token_ids))
+
+    def token_statistics(
+        self,
+        prompts: list[Prompt],
+        completions: list[Completion],
+        generation: Generation,
+        temperature: float,
+        top_p: float,
+    ) -> list[TokenStats]:
+        if self.policy is None:
+            raise RuntimeError("the branching factor needs the policy module; this sampler was built without one")
+        return HFSampler(self.policy, self.tokenizer, 8).token_statistics(
+            prompts, completions, generation, temperature, top_p
+        )
+
+
+def start_engine(config):
+    """A vLLM engine for the trial's M_init, with LoRA and (if asked) sleep mode."""
+    from vllm import LLM
+
+    engine = config.sampling.vllm
+    device = resolve_device(config.loading.device)
+    dtype = str(resolve_dtype(config.loading.dtype, device)).removeprefix("torch.")
+    return LLM(
+        model=model_path(config.model),
+        revision=config.loading.revision,
+        trust_remote_code=config.loading.trust_remote_code,
+        skip_tokenizer_init=True,  # prompts arrive as token ids of the model's own tokenizer
+        dtype=dtype,
+        seed=config.seed,
+        enable_lora=True,
+        max_lora_rank=engine_lora_rank(config.training.lora.rank),
+        max_loras=2,  # M_{j-1} and, for `rejected: j-2`, M_{j-2}
+        enable_sleep_mode=engine.sleep_while_training,
+        gpu_memory_utilization=engine.gpu_memory_utilization,
+        enforce_eager=engine.enforce_eager,
+        max_model_len=engine.max_model_len,
+        max_num_seqs=engine.max_num_seqs,
+        tensor_parallel_size=engine.tensor_parallel_size,
+    )
+
+
+def _generation_config_stops(config) -> list[int]:
+    """End-of-turn ids the model's generation config lists beside the tokenizer's eos (Qwen lists two)."""
+    from transformers import GenerationConfig
+
+    try:
+        generation = GenerationConfig.from_pretrained(model_path(config.model), revision=config.loading.revision)
+    except OSError:
+        return []
+    ids = generation.eos_token_id
+    return [i for i in (ids if isinstance(ids, list) else [ids]) if i is not None]
+
+
+def _tokens_through_stop(tokenizer, token_ids: list[int], stop: tuple[str, ...]) -> list[int]:
+    """The shortest prefix of `token_ids` whose text contains a stop string (what an early stop keeps)."""
+    for end in range(1, len(token_ids) + 1):
+        text = tokenizer.decode(token_ids[:end], skip_special_tokens=True)
+        if any(s in text for s in stop):
+            return token_ids[:end]
+    return token_ids

@@ -1,0 +1,149 @@
+"""Training a generation under DeepSpeed ZeRO (`training.deepspeed`), for models that need it.
+
+ZeRO-3 shards the weights themselves, so a module it has trained cannot go back to being the plain
+module the sampler and the evaluation read. Each training run therefore gets a policy of its own: a
+copy of M_init loaded for the run, the start generation's adapter on top, DeepSpeed around it, and
+the trained adapter written to disk (gathered from the shards) for the sampler and the trial's policy
+to load, like any other generation. The copy is dropped when the run ends.
+
+The loss code is the regimes' own: `optimize` asks the policy how to apply gradients, and a
+`ZeroPolicy` answers with the DeepSpeed engine's backward and step. DeepSpeed's managed gradient
+accumulation is off: our steps already normalise their micro-batch losses, and `engine.step()` is
+called once per optimizer step, as the plain loop does.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import os
+import socket
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from idempo.config import ConfigError, DeepSpeedConfig, TrainingConfig
+from idempo.models import Generation, LoraPolicy
+
+
+def check(config) -> None:
+    """DeepSpeed needs its package (the `gpu` extra) and CUDA; say so before any model is loaded."""
+    problems = []
+    if importlib.util.find_spec("deepspeed") is None:
+        problems.append(
+            "training.deepspeed: DeepSpeed is not installed; install idempo with the gpu extra "
+            "(pip install -e '.[gpu]') on a CUDA machine, or set training.deepspeed to null"
+        )
+    if not torch.cuda.is_available():
+        problems.append("training.deepspeed: no CUDA GPU is visible; DeepSpeed ZeRO trains on GPUs only")
+    if problems:
+        raise ConfigError(problems)
+
+
+def deepspeed_config(training: TrainingConfig, bf16: bool, world_size: int) -> dict:
+    """The DeepSpeed config a training run of `training` uses (optimizer and schedule are idempo's own)."""
+    zero: DeepSpeedConfig = training.deepspeed
+    optimization = {"stage": zero.stage, "overlap_comm": True, "contiguous_gradients": True}
+    if zero.offload_optimizer:
+        optimization["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if zero.offload_params:
+        optimization["offload_param"] = {"device": "cpu", "pin_memory": True}
+    return {
+        "train_micro_batch_size_per_gpu": training.batch_size,
+        "gradient_accumulation_steps": training.gradient_accumulation_steps,
+        "train_batch_size": training.batch_size * training.gradient_accumulation_steps * world_size,
+        "managed_gradient_accumulation": False,
+        "gradient_clipping": training.max_grad_norm or 0.0,
+        "bf16": {"enabled": bf16},
+        "zero_optimization": optimization,
+        "zero_force_ds_cpu_optimizer": False,  # the run's AdamW, offloaded or not
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+    }
+
+
+def init_process_group() -> None:
+    """Join the torch.distributed group the environment describes (a launcher's or a Ray worker's), or
+    form a group of one on this process's GPU."""
+    import deepspeed
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return
+    if "WORLD_SIZE" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    deepspeed.init_distributed(dist_backend="nccl", verbose=False)
+
+
+class ZeroPolicy(LoraPolicy):
+    """A LoRA policy on its own copy of M_init whose training runs through a DeepSpeed ZeRO engine."""
+
+    def __init__(self, base, training: TrainingConfig):
+        super().__init__(base, training)
+        self.training = training
+        self.engine = None
+
+    def updates(self, optimizer, scheduler, config: TrainingConfig):
+        import deepspeed
+
+        bf16 = next(self.module.parameters()).dtype == torch.bfloat16
+        world = torch.distributed.get_world_size()
+        self.engine, *_ = deepspeed.initialize(
+            model=self.module,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=deepspeed_config(config, bf16, world),
+        )
+        return EngineUpdates(self.engine)
+
+    def save(self, path: Path) -> None:
+        """The adapter gathered from the shards; written by rank 0."""
+        with self._gathered():
+            if torch.distributed.get_rank() == 0:
+                super().save(path)
+
+    def _gathered(self):
+        if self.engine is None or self.training.deepspeed.stage != 3:
+            return nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(self.trainable_parameters(), modifier_rank=None)
+
+    def close(self) -> None:
+        """Free the engine and the copy of M_init (the trained adapter is on disk by now)."""
+        if self.engine is not None:
+            self.engine.destroy()
+        self.engine = self.module = None
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+class EngineUpdates:
+    def __init__(self, engine):
+        self.engine = engine
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss, scale_wrt_gas=False)  # each micro-batch loss is already a share of the step's
+
+    def step(self) -> None:
+        self.engine.step()  # clips, updates, advances the schedule, clears gradients
+
+
+def zero_policy(config, start: Generation | None, seed: int) -> ZeroPolicy:
+    """A fresh training policy: M_init loaded anew, then `start`'s adapter (continual) or new adapters."""
+    from idempo.models import load_base_model
+
+    init_process_group()
+    policy = ZeroPolicy(load_base_model(config.model, config.loading), config.training)
+    if start is None or start.path is None:
+        policy.reset(seed)
+    else:
+        policy.load(start)
+    return policy
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
