@@ -331,7 +331,8 @@ class Trial:
         stats_path = weights.parent / "train.json"
         if weights.exists() and stats_path.exists():
             return generation, read_json(stats_path)
-        self.sampler.sleep()  # a sampler that shares the GPUs gives its memory to training meanwhile
+        with self._timed("sleep", timing):  # a sampler that shares the GPUs gives its memory to training
+            self.sampler.sleep()
         label = f"cycle {cycle}: train {generation.name}" if cycle else "seed: train M_seed"
         init_seed, train_seed = derive_seed(seed, "init", cycle), derive_seed(seed, "train", cycle)
         with self._timed("train", timing):
