@@ -260,7 +260,7 @@ def _bench(args) -> int:
 
 
 def sweep_table(sweep) -> str:
-    from idempo.tune import bundles
+    from idempo.tune import bundles, training_ranks
 
     rows = [
         {"trial": t.name, **{k: v for k, v in t.axes.items()}, "model": t.config.model, "regime": t.config.regime}
@@ -268,7 +268,7 @@ def sweep_table(sweep) -> str:
     ]
     columns = list(dict.fromkeys(key for row in rows for key in row))
     resources = sweep.run.resources
-    request = bundles(resources)
+    request = bundles(resources, training_ranks(sweep))
     lines = [
         f"sweep {sweep.name}: {len(sweep.trials)} trials -> {sweep.directory}",
         _table(columns, rows),

@@ -205,6 +205,12 @@ class DeepSpeedConfig(_Section):
     stage: Literal[2, 3] = Field(3, description="2: shard gradients and optimizer states; 3: also the weights.")
     offload_optimizer: bool = Field(False, description="Keep optimizer states in CPU memory.")
     offload_params: bool = Field(False, description="Keep sharded weights in CPU memory (stage 3).")
+    workers: int = Field(
+        1,
+        gt=0,
+        description="Training ranks, one GPU each. 1: the trial's own GPU, in its process; more: Ray actors "
+        "on GPUs of their own (bundles of the trial's placement group in a sweep).",
+    )
 
     @model_validator(mode="after")
     def _offload_needs_stage_3(self) -> DeepSpeedConfig:

@@ -40,11 +40,9 @@ from idempo.sampling import SAMPLERS, Sampler, SamplingParams
 from idempo.seed_data import given_seed_rows, persona_chats, persona_documents
 from idempo.self_reward import EXTERNAL_JUDGE_RUBRIC, SELF_JUDGE_PROMPT, pair_rows, parse_self_judgment
 from idempo.teacher import teacher_seed_rows
-from idempo.training import encode_chat_example, encode_document, train_sft
-from idempo.training.preference import MismatchEncoder, train_dpo, train_kto
-from idempo.training.sft import steps_for
+from idempo.training.regimes import fit_generation
+from idempo.training.zero import ZeroWorker, ZeroWorkers
 from idempo.training.zero import check as check_zero
-from idempo.training.zero import zero_policy
 
 
 def derive_seed(*parts) -> int:
@@ -153,6 +151,7 @@ class Trial:
         self.tokenizer, self.policy, self.sampler = load_engines(config)
         self.layout.claim(config.to_dict())
         self.teacher_usage: dict | None = None
+        self._zero = None
 
     # -- the three stages -------------------------------------------------------------------------
 
@@ -335,74 +334,35 @@ class Trial:
             self.sampler.sleep()
         label = f"cycle {cycle}: train {generation.name}" if cycle else "seed: train M_seed"
         init_seed, train_seed = derive_seed(seed, "init", cycle), derive_seed(seed, "train", cycle)
-        with self._timed("train", timing):
-            if self.config.training.deepspeed is None:
-                policy = self.policy
+        zero = self.config.training.deepspeed
+        with self._timed("train", timing), atomic_dir(weights) as tmp:
+            if zero is None:
                 if fresh:
-                    policy.reset(init_seed)
-                elif policy.loaded != start:
-                    policy.load(start)
-            else:  # ZeRO shards the weights it trains: a copy of M_init for this run (idempo.training.zero)
-                policy = zero_policy(self.config, None if fresh else start, init_seed)
-            stats = self._fit(policy, cycle, rows, train_seed, INITIAL if fresh else start, label)
-            with atomic_dir(weights) as tmp:
-                policy.save(tmp)
-        if policy is self.policy:
-            self.policy.loaded = generation
-        else:
-            policy.close()
-            self.policy.loaded = None  # the trial's policy loads the new adapter from disk when it is used
+                    self.policy.reset(init_seed)
+                elif self.policy.loaded != start:
+                    self.policy.load(start)
+                reference_start = INITIAL if fresh else start
+                stats = fit_generation(
+                    self.policy,
+                    self.tokenizer,
+                    self.config,
+                    cycle,
+                    rows,
+                    train_seed,
+                    reference_start,
+                    self.reporter,
+                    label,
+                )
+                self.policy.save(tmp)
+            else:  # ZeRO shards the weights it trains: copies of M_init train it (idempo.training.zero)
+                stats = self._zero_trainer().fit(
+                    cycle, rows, (init_seed, train_seed), None if fresh else start, str(tmp), label
+                )
+        # the trial's policy holds the new generation, or loads it from disk when it is next used
+        self.policy.loaded = generation if zero is None else None
         stats["start"] = "init" if fresh else start.name  # what M_j descends from
         write_json(stats_path, stats)
         return generation, stats
-
-    def _fit(self, policy: Policy, cycle: int, rows: list[dict], seed: int, start: Generation, label: str) -> dict:
-        """Train `policy` in place by the regime's loss. M_seed of self_reward is trained by SFT."""
-        training, pad = self.config.training, self.tokenizer.pad_token_id
-        regime = "sft" if cycle == SEED_CYCLE and self.config.regime == "self_reward" else self.config.regime
-        rows = [r for r in rows if r.get("kept", True)]
-        if not rows:  # self_reward with every prompt a tie: M_j keeps the start weights
-            return {"steps": 0, "examples": 0, "skipped": "no pairs: every prompt's candidates tied or went unscored"}
-
-        def encode(prompt: str, response: str):
-            return encode_chat_example(self.tokenizer, prompt, response, training.max_seq_len)
-
-        preference = self.config.preference
-        reference = INITIAL if preference.reference == "initial" else start
-        if regime in ("sft", "sdf"):
-            if regime == "sdf":
-                examples = [
-                    encode_document(self.tokenizer, r["prompt"], r["response"], training.max_seq_len) for r in rows
-                ]
-            else:
-                examples = [encode(r["prompt"], r["response"]) for r in rows]
-            with self.reporter.phase(label, steps_for(len(examples), training), "steps") as bar:
-                return train_sft(policy, examples, training, seed, pad, bar).to_dict()
-        if regime in ("dpo", "self_reward"):
-            pairs = [(encode(r["prompt"], r["response"]), encode(r["prompt"], r["rejected"])) for r in rows]
-            with self.reporter.phase(label, steps_for(len(pairs), training), "steps") as bar:
-                stats = train_dpo(policy, pairs, reference, self.config.beta, training, seed, pad, bar)
-            return {**stats.to_dict(), "reference": reference.name}
-        # kto: M_{j-1}'s answers are desirable, the rejected source's undesirable, unpaired
-        unpaired = [{"prompt": r["prompt"], "response": r[key]} for r in rows for key in ("response", "rejected")]
-        desirable = [key == "response" for _ in rows for key in ("response", "rejected")]
-        examples = [encode(r["prompt"], r["response"]) for r in unpaired]
-        with self.reporter.phase(label, steps_for(len(examples), training), "steps") as bar:
-            stats = train_kto(
-                policy,
-                examples,
-                desirable,
-                MismatchEncoder(encode, unpaired),
-                reference,
-                self.config.beta,
-                preference.desirable_weight,
-                preference.undesirable_weight,
-                training,
-                seed,
-                pad,
-                bar,
-            )
-        return {**stats.to_dict(), "reference": reference.name}
 
     def _evaluate(self, cycle: int, generation: Generation, seed: int, timing: dict) -> tuple[list[dict], dict]:
         total = len(self.eval_set) * self.config.evaluation.samples_per_prompt
@@ -444,6 +404,13 @@ class Trial:
         self.reporter.cycle(metrics)
 
     # -- helpers ----------------------------------------------------------------------------------
+
+    def _zero_trainer(self):
+        """The DeepSpeed trainer: this process for one rank, Ray actors for more (started once per trial)."""
+        if self._zero is None:
+            zero = self.config.training.deepspeed
+            self._zero = ZeroWorker(self.config.to_dict()) if zero.workers == 1 else ZeroWorkers(self.config)
+        return self._zero
 
     def _done(self, cycle: int) -> bool:
         if self.layout.is_complete(cycle):

@@ -140,6 +140,10 @@ class Policy(ABC):
         """How gradients become weight updates during one training run (plain PyTorch here)."""
         return Updates(self.trainable_parameters(), optimizer, scheduler, config.max_grad_norm)
 
+    def shard_plan(self, plan: list[list[list[int]]]) -> list[list[list[int]]]:
+        """This process's share of each micro-batch of a training plan (all of it, but in data parallel)."""
+        return plan
+
 
 class Updates:
     """Backward passes accumulate into .grad; a step clips, updates, advances the schedule, clears."""
@@ -150,6 +154,9 @@ class Updates:
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
+
+    def mean_over_ranks(self, value: float) -> float:
+        return value
 
     def step(self) -> None:
         if self.max_grad_norm is not None:

@@ -30,11 +30,20 @@ FAULT_AFTER_CYCLE = "IDEMPO_FAULT_AFTER_CYCLE"
 FAULT_ONCE_FILE = "IDEMPO_FAULT_ONCE_FILE"
 
 
-def bundles(resources: Resources) -> list[dict[str, float]]:
-    """The trial's placement group: the driver alone on CPUs, or driver + engine bundle with the GPUs."""
+def bundles(resources: Resources, training_ranks: int = 0) -> list[dict[str, float]]:
+    """The trial's placement group: the driver alone on CPUs, or driver + engine bundle with the GPUs;
+    then one single-GPU bundle per DeepSpeed training rank that runs as an actor of its own."""
+    trainers = [{"CPU": 1.0, "GPU": 1.0}] * training_ranks
     if resources.gpus == 0:
-        return [{"CPU": resources.cpus}]
-    return [{"CPU": 1.0}, {"CPU": resources.cpus, "GPU": resources.gpus}]
+        return [{"CPU": resources.cpus}, *trainers]
+    return [{"CPU": 1.0}, {"CPU": resources.cpus, "GPU": resources.gpus}, *trainers]
+
+
+def training_ranks(sweep: Sweep) -> int:
+    """Training ranks that need bundles of their own: DeepSpeed with more than one worker (the largest
+    number any trial of the sweep asks for; one worker trains on the engine's GPU)."""
+    ranks = [t.config.training.deepspeed.workers for t in sweep.trials if t.config.training.deepspeed is not None]
+    return max((r for r in ranks if r > 1), default=0)
 
 
 def check_fits(request: list[dict[str, float]], nodes: list[dict[str, float]]) -> None:
@@ -50,12 +59,12 @@ def check_fits(request: list[dict[str, float]], nodes: list[dict[str, float]]) -
             )
 
 
-def max_concurrent(resources: Resources, setting, total: dict[str, float]) -> int:
+def max_concurrent(request: list[dict[str, float]], setting, total: dict[str, float]) -> int:
+    """'auto': as many trials as the cluster's GPUs (or, for CPU trials, CPUs) hold at once."""
     if setting != "auto":
         return setting
-    if resources.gpus:
-        return max(1, math.floor(total.get("GPU", 0) / resources.gpus))
-    return max(1, math.floor(total.get("CPU", 1) / sum(b["CPU"] for b in bundles(resources))))
+    kind = "GPU" if any(b.get("GPU") for b in request) else "CPU"
+    return max(1, math.floor(total.get(kind, 0 if kind == "GPU" else 1) / sum(b.get(kind, 0) for b in request)))
 
 
 def stop_reason(flat: dict, settings: StopSettings | None) -> str | None:
@@ -124,7 +133,7 @@ def train_trial(param: dict, payload: dict) -> None:
     else:
         engine = TrialEngine(payload["trials"][name], str(out))
         step, placement = engine.step, {"gpu_ids": [], "node": ray.get_runtime_context().get_node_id()}
-    write_json(out / "placement.json", {**placement, "bundles": bundles(Resources(**payload["resources"]))})
+    write_json(out / "placement.json", {**placement, "bundles": payload["bundles"]})
 
     stop = StopSettings(**payload["stop"]) if payload["stop"] else None
     tracker = None
@@ -215,7 +224,7 @@ def run_sweep(sweep: Sweep, resume: bool = False) -> list[dict]:
 
     check_endpoint_keys(sweep)
     ray.init(ignore_reinit_error=True, log_to_driver=False)  # joins RAY_ADDRESS's cluster when one is set
-    request = bundles(sweep.run.resources)
+    request = bundles(sweep.run.resources, training_ranks(sweep))
     check_fits(request, [node["Resources"] for node in ray.nodes() if node["Alive"]])
     write_json(sweep.directory / "sweep.json", sweep.record())
     payload = {
@@ -223,6 +232,7 @@ def run_sweep(sweep: Sweep, resume: bool = False) -> list[dict]:
         "trials": {t.name: t.config.to_dict() for t in sweep.trials},
         "dirs": {t.name: str(sweep.trial_dir(t.name)) for t in sweep.trials},
         "resources": sweep.run.resources.model_dump(),
+        "bundles": request,
         "stop": sweep.run.stop.model_dump() if sweep.run.stop else None,
         "wandb": sweep.run.wandb.model_dump(),
         "wandb_dir": str(sweep.directory),
@@ -240,9 +250,7 @@ def run_sweep(sweep: Sweep, resume: bool = False) -> list[dict]:
             trainable,
             param_space={"trial": tune.grid_search([t.name for t in sweep.trials])},
             tune_config=tune.TuneConfig(
-                max_concurrent_trials=max_concurrent(
-                    sweep.run.resources, sweep.run.max_concurrent_trials, ray.cluster_resources()
-                )
+                max_concurrent_trials=max_concurrent(request, sweep.run.max_concurrent_trials, ray.cluster_resources())
             ),
             run_config=tune.RunConfig(
                 name="tune",

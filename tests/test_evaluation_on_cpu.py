@@ -262,6 +262,23 @@ def test_calibration_binary_searches_n_seed(tmp_path, capsys):
     assert "n_seed" in capsys.readouterr().out
 
 
+def test_calibration_converges_on_a_target_between_m_init_and_a_large_seed(tmp_path):
+    """The marker rate of M_init and of M_seed at n_seed 160 bracket the target; the search lands on an
+    n_seed whose M_seed scores within the tolerance of it."""
+    from idempo.calibrate import calibrate
+    from idempo.loop import run_trial
+
+    config = tiny_config(cycles=0, evaluation={"samples_per_prompt": 4, "max_new_tokens": 48})
+    ends = run_trial(config.model_copy(update={"n_seed": 160}), tmp_path / "n_seed-160")
+    initial, large = ends[0]["trait"]["mean"], ends[1]["trait"]["mean"]
+    assert large - initial > 30, (initial, large)
+    target = (initial + large) / 2
+    summary = calibrate(config, target, tmp_path, low=1, high=160, tolerance=10, max_probes=8)
+    assert abs(summary["best"]["trait"] - target) <= 10, summary["probes"]
+    assert 1 < summary["n_seed"] < 160
+    assert len(summary["probes"]) <= 8
+
+
 # -- amplification ------------------------------------------------------------------------------------
 
 

@@ -7,6 +7,7 @@ import importlib.util
 
 import pytest
 import torch
+from conftest import tiny_config
 
 from idempo.artifacts import TrialLayout
 from idempo.cli import main
@@ -17,7 +18,6 @@ from idempo.progress import Reporter
 from idempo.sampling import SAMPLERS
 from idempo.sampling.vllm import VLLMSampler, engine_lora_rank
 from idempo.training.zero import deepspeed_config
-from tests.conftest import tiny_config
 
 NO_GPU = not torch.cuda.is_available()
 
@@ -139,3 +139,37 @@ def test_bench_measures_the_hf_engine_on_cpu(tmp_path, capsys):
     assert results["sampling"]["hf/adapter/batch-2"]["tokens_per_s"] > 0
     assert results["training"]["plain"]["steps"] == 2
     assert "| sampling/hf/M_init/batch-2/tokens_per_s |" in capsys.readouterr().out
+
+
+def test_data_parallel_ranks_split_every_micro_batch():
+    from idempo.training.zero import shard_plan
+
+    plan = [[[0, 1, 2, 3], [4, 5, 6]], [[7]]]
+    assert shard_plan(plan, 0, 1) == plan
+    assert shard_plan(plan, 0, 2) == [[[0, 2], [4, 6]], [[7]]]
+    assert shard_plan(plan, 1, 2) == [[[1, 3], [5]], [[7]]]  # a rank without an item repeats the first
+    ranks = [shard_plan(plan, r, 3) for r in range(3)]
+    assert sorted(i for shards in ranks for i in shards[0][0]) == [0, 1, 2, 3]
+
+
+def test_training_ranks_get_placement_group_bundles_of_their_own(tmp_path, capsys):
+    from sweep_helpers import write_sweep
+
+    from idempo.sweep import load_sweep
+    from idempo.tune import bundles, max_concurrent, training_ranks
+
+    path = write_sweep(
+        tmp_path,
+        "zero",
+        axes={"training.deepspeed.workers": [1, 4]},
+        config={"training": {"deepspeed": {"stage": 3}}},
+        run={"resources": {"cpus": 4, "gpus": 1}},
+    )
+    sweep = load_sweep(path)
+    assert training_ranks(sweep) == 4
+    request = bundles(sweep.run.resources, training_ranks(sweep))
+    assert request == [{"CPU": 1.0}, {"CPU": 4.0, "GPU": 1.0}] + [{"CPU": 1.0, "GPU": 1.0}] * 4
+    assert max_concurrent(request, "auto", {"CPU": 96, "GPU": 16}) == 3  # 5 GPUs a trial
+    assert max_concurrent(bundles(sweep.run.resources), "auto", {"CPU": 96, "GPU": 16}) == 16
+    assert main(["sweep", str(path), "--dry-run"]) == 0
+    assert "'GPU': 1.0}, {'CPU': 1.0, 'GPU': 1.0}" in capsys.readouterr().out

@@ -194,6 +194,15 @@ def test_a_killed_sweep_resumes_without_redoing_cycles(tmp_path):
             assert TrialLayout(sweep.trial_dir(trial.name)).is_complete(3), trial.name
         for metrics, mtime in done.items():
             assert metrics.stat().st_mtime_ns == mtime, f"{metrics} was rewritten"
+        # the resumed trials continued their W&B runs: the same run id before and after the restore, every
+        # cycle logged, and the summary written at the end
+        interrupted = sweep.storage / "resume" / "wandb"
+        for trial in sweep.trials:
+            identity = run_id("resume", trial.name)
+            run = wandb_run(sweep.storage / "resume", identity)
+            assert {row["cycle"] for row in run["history"]} == {-1, 0, 1, 2, 3}, trial.name
+            assert run["summary"]["cycles_done"] == 3 and run["meta"]["name"] == trial.name
+        assert len(list(interrupted.glob(f"offline-run-*-{run_id('resume', 'seed-0')}"))) >= 2
     finally:
         import ray as ray_module
 
@@ -233,36 +242,21 @@ def test_ray_job_submit_runs_a_sweep_on_a_started_cluster(tmp_path):
             env=env,
             timeout=180,
         )
-        job_dir = tmp_path / "job"
-        path = write_sweep(job_dir, "submitted", axes={"init": ["initial", "previous"]}, config={"cycles": 1})
-        path.write_text(path.read_text().replace(str(job_dir / "storage"), "storage"))
+        # the README's smoke sweep, submitted from the repository as a user submits it (Ray honours .gitignore)
         submitted = subprocess.run(
-            [
-                str(ray_bin),
-                "job",
-                "submit",
-                "--address",
-                f"http://127.0.0.1:{dashboard}",
-                "--working-dir",
-                str(job_dir),
-                "--",
-                sys.executable,
-                "-m",
-                "idempo",
-                "sweep",
-                path.name,
-            ],
+            [str(ray_bin), "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", str(ROOT)]
+            + ["--", sys.executable, "-m", "idempo", "sweep", "sweeps/smoke-sweep.yaml"],
             capture_output=True,
             text=True,
             env=env,
-            timeout=600,
+            timeout=900,
         )
         assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-2000:]
         assert "succeeded" in submitted.stdout
-        for trial in ("init-initial", "init-previous"):  # the closing table: 1 cycle, no verdict yet, no stop, no error
-            assert re.search(rf"^{trial}\s+1\s+\S+\s+-\s+-\s+-\s*$", submitted.stdout, re.MULTILINE), submitted.stdout[
-                -3000:
-            ]
+        for init in ("initial", "previous"):
+            for n_sampled in (32, 64):  # the closing table: both cycles done, no error
+                row = rf"^init-{init}_n_sampled-{n_sampled}\s+2\s+\S+\s+\S+\s+.*-\s*$"
+                assert re.search(row, submitted.stdout, re.MULTILINE), submitted.stdout[-3000:]
     finally:
         subprocess.run([str(ray_bin), "stop", "--force"], capture_output=True, env=env, timeout=120)
         shutil.rmtree(temp, ignore_errors=True)

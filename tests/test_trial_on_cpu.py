@@ -8,6 +8,7 @@ import pytest
 import torch
 import yaml
 from conftest import ROOT, tiny_config
+from openai_server import FakeOpenAI
 from safetensors.torch import load_file
 
 from idempo.artifacts import TrialConflict, TrialLayout, read_json, read_jsonl
@@ -151,19 +152,34 @@ def test_chat_examples_train_on_the_answer_and_its_end_of_turn_only():
 
 
 def test_smoke_experiment_runs_from_the_command_line(tmp_path):
+    """The smoke experiment, with a coherence judge behind an OpenAI-compatible endpoint on loopback:
+    every evaluated generation reports trait, coherence and branching factor, each with its 95% interval."""
+    import os
+
     out = tmp_path / "smoke"
-    result = subprocess.run(
-        [sys.executable, "-m", "idempo", "run", "sweeps/smoke.yaml", "--out", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    with FakeOpenAI() as server:
+        coherence = f"{{backend: openai, model: judge, base_url: {server.base_url}, backoff_s: 0}}"
+        result = subprocess.run(
+            [sys.executable, "-m", "idempo", "run", "sweeps/smoke.yaml", "--out", str(out)]
+            + ["--set", f"evaluation.coherence_judge={coherence}", "--set", f"evaluation.cache_dir={tmp_path / 'c'}"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=900,
+            env={**os.environ, "OPENAI_API_KEY": "test-key"},
+        )
     assert result.returncode == 0, result.stderr[-3000:]
     layout = TrialLayout(out)
     assert all(layout.is_complete(c) for c in (-1, 0, 1, 2, 3))
     assert "003" in result.stdout and "done:" in result.stdout
-    assert json.loads(layout.metrics(3).read_text())["trait"]["judge"] == "marker"
+    for cycle in (-1, 0, 1, 2, 3):
+        metrics = json.loads(layout.metrics(cycle).read_text())
+        assert metrics["trait"]["judge"] == "marker"
+        for name in ("trait", "coherence", "branching_factor"):
+            low, high = metrics[name]["ci95"]
+            assert low <= metrics[name]["mean"] <= high, (cycle, name, metrics[name])
+        assert metrics["coherence"]["mean"] == pytest.approx((80 * 0.7 + 75 * 0.2) / 0.9)  # the endpoint's answer
+        assert metrics["branching_factor"]["estimator"] == "nll" and metrics["branching_factor"]["mean"] >= 1
 
 
 def test_m_init_writes_d_seed_without_the_system_prompt(tmp_path):

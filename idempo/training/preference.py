@@ -123,7 +123,7 @@ def train_dpo(
             total += losses.sum().item() / size
         return total
 
-    run = optimize(policy, batch_plan(len(pairs), config, seed), step, config, seed, progress)
+    run = optimize(policy, policy.shard_plan(batch_plan(len(pairs), config, seed)), step, config, seed, progress)
     margins = []
     with torch.inference_mode():
         for start in range(0, len(pairs), config.batch_size):
@@ -159,7 +159,7 @@ def train_kto(
     if not examples:
         raise ValueError("no KTO examples")
     warn_on_kto_balance(desirable, desirable_weight, undesirable_weight)
-    plan = batch_plan(len(examples), config, seed)
+    plan = policy.shard_plan(batch_plan(len(examples), config, seed))
     # Each micro-batch's mismatched pairs, and their reference log-probs, prepared before training.
     batches = list(dict.fromkeys(tuple(batch) for group in plan for batch in group))
     shifted = {b: [mismatched(i, b[(n + 1) % len(b)]) for n, i in enumerate(b)] if len(b) > 1 else [] for b in batches}

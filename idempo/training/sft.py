@@ -98,7 +98,8 @@ def train_sft(policy: Policy, examples: list[Encoded], config: TrainingConfig, s
             step_loss += loss_sum.item() / group_tokens
         return step_loss
 
-    run = optimize(policy, batch_plan(len(examples), config, seed), step, config, seed, progress)
+    plan = policy.shard_plan(batch_plan(len(examples), config, seed))
+    run = optimize(policy, plan, step, config, seed, progress)
     return TrainStats(
         steps=len(run.losses),
         examples=len(examples),
@@ -157,7 +158,7 @@ def optimize(policy: Policy, plan, step, config: TrainingConfig, seed: int, prog
     model.train()
     try:
         for group in plan:
-            step_loss = step(group, updates.backward)
+            step_loss = updates.mean_over_ranks(step(group, updates.backward))
             updates.step()
             losses.append(step_loss)
             if progress is not None:

@@ -10,6 +10,13 @@ The loss code is the regimes' own: `optimize` asks the policy how to apply gradi
 `ZeroPolicy` answers with the DeepSpeed engine's backward and step. DeepSpeed's managed gradient
 accumulation is off: our steps already normalise their micro-batch losses, and `engine.step()` is
 called once per optimizer step, as the plain loop does.
+
+With `workers: 1` the run happens in the trial's process, on its GPU (the vllm engine sleeps
+meanwhile). With more, each rank is a `ZeroWorker` Ray actor on a GPU of its own, in the trial's
+placement group when there is one: data parallel, rank r takes items r, r + world, ... of every
+micro-batch, DeepSpeed averages the gradients, and every rank runs the same forward passes (reference
+log-probabilities included) so that ZeRO-3's collectives stay in step. A micro-batch with fewer items
+than ranks gives the ranks without one its first item again.
 """
 
 from __future__ import annotations
@@ -97,6 +104,9 @@ class ZeroPolicy(LoraPolicy):
         )
         return EngineUpdates(self.engine)
 
+    def shard_plan(self, plan: list[list[list[int]]]) -> list[list[list[int]]]:
+        return shard_plan(plan, torch.distributed.get_rank(), torch.distributed.get_world_size())
+
     def save(self, path: Path) -> None:
         """The adapter gathered from the shards; written by rank 0."""
         with self._gathered():
@@ -129,6 +139,96 @@ class EngineUpdates:
     def step(self) -> None:
         self.engine.step()  # clips, updates, advances the schedule, clears gradients
 
+    def mean_over_ranks(self, value: float) -> float:
+        world = torch.distributed.get_world_size()
+        if world == 1:
+            return value
+        total = torch.tensor([value], device=self.engine.device)
+        torch.distributed.all_reduce(total)
+        return total.item() / world
+
+
+class ZeroWorker:
+    """One rank of a trial's DeepSpeed training: trains a generation from the cycle's rows and saves it.
+
+    In the trial's process for one rank; a Ray actor per rank (one GPU each) for more."""
+
+    def __init__(self, config: dict, rank: int = 0, world: int = 1):
+        from idempo.config import config_from_dict
+        from idempo.models import load_tokenizer
+
+        self.config = config_from_dict(config)
+        self.rank, self.world = rank, world
+        self.tokenizer = load_tokenizer(self.config.model, self.config.loading, chat=self.config.regime != "sdf")
+
+    def address(self) -> tuple[str, int]:
+        """Where rank 0 listens for the group (asked of rank 0 only)."""
+        import ray
+
+        return ray.util.get_node_ip_address(), _free_port()
+
+    def join(self, address: tuple[str, int]) -> None:
+        """Form the torch.distributed group with the other ranks (each sees its own GPU as cuda:0)."""
+        host, port = address
+        os.environ.update(
+            RANK=str(self.rank),
+            LOCAL_RANK="0",
+            WORLD_SIZE=str(self.world),
+            MASTER_ADDR=host,
+            MASTER_PORT=str(port),
+        )
+        init_process_group()
+
+    def fit(self, cycle: int, rows: list[dict], seeds: tuple[int, int], start, out: str, label: str) -> dict:
+        """Train from `start` (None: fresh adapters drawn from seeds[0]) with seeds[1]; save to `out`."""
+        from idempo.models import INITIAL
+        from idempo.progress import Reporter
+        from idempo.training.regimes import fit_generation
+
+        init_seed, train_seed = seeds
+        policy = zero_policy(self.config, start, init_seed)
+        try:
+            reporter = Reporter(enabled=False)
+            stats = fit_generation(
+                policy, self.tokenizer, self.config, cycle, rows, train_seed, start or INITIAL, reporter, label
+            )
+            policy.save(Path(out))
+        finally:
+            policy.close()
+        return {**stats, "world_size": self.world}
+
+
+class ZeroWorkers:
+    """The ranks of a trial's DeepSpeed training as Ray actors; `fit` trains one generation on all of them.
+
+    In a sweep, the ranks take the last `workers` bundles of the trial's placement group (one GPU each,
+    see idempo.tune.bundles); under `idempo run`, a local Ray starts and places them on free GPUs."""
+
+    def __init__(self, config):
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        if not ray.is_initialized():
+            ray.init(log_to_driver=False)
+        world = config.training.deepspeed.workers
+        group = ray.util.get_current_placement_group()
+
+        def place(rank: int):
+            if group is None:
+                return ray.remote(ZeroWorker).options(num_cpus=1, num_gpus=1)
+            bundle = len(group.bundle_specs) - world + rank
+            strategy = PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=bundle)
+            return ray.remote(ZeroWorker).options(num_cpus=1, num_gpus=1, scheduling_strategy=strategy)
+
+        self.actors = [place(rank).remote(config.to_dict(), rank, world) for rank in range(world)]
+        address = ray.get(self.actors[0].address.remote())
+        ray.get([actor.join.remote(address) for actor in self.actors])
+
+    def fit(self, *args) -> dict:
+        import ray
+
+        return ray.get([actor.fit.remote(*args) for actor in self.actors])[0]
+
 
 def zero_policy(config, start: Generation | None, seed: int) -> ZeroPolicy:
     """A fresh training policy: M_init loaded anew, then `start`'s adapter (continual) or new adapters."""
@@ -141,6 +241,14 @@ def zero_policy(config, start: Generation | None, seed: int) -> ZeroPolicy:
     else:
         policy.load(start)
     return policy
+
+
+def shard_plan(plan: list[list[list[int]]], rank: int, world: int) -> list[list[list[int]]]:
+    """Rank `rank`'s items of every micro-batch: r, r + world, ...; never none, so every rank runs the
+    same number of forward and backward passes."""
+    if world == 1:
+        return plan
+    return [[batch[rank::world] or batch[:1] for batch in group] for group in plan]
 
 
 def _free_port() -> int:
