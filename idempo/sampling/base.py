@@ -68,3 +68,29 @@ class Sampler(Protocol):
         """Per answer token, the entropy of `generation`'s top-p next-token distribution and the NLL of the
         answer's token (the branching factor's inputs; see idempo.evaluation.branching)."""
         ...
+
+
+class PromptEncoding:
+    """`generate` for engines that sample from token ids: each prompt encoded as the trainer encodes it."""
+
+    tokenizer: object
+
+    def generate(
+        self, prompts: list[Prompt], params: SamplingParams, generation: Generation, progress=None
+    ) -> list[Completion]:
+        return self.generate_ids([encode_prompt(self.tokenizer, p) for p in prompts], params, generation, progress)
+
+
+def render(tokenizer, prompt: Prompt) -> str:
+    """Chat prompts through the model's chat template (ready for the answer); raw text as it is."""
+    if isinstance(prompt, str):
+        return prompt
+    return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+
+
+def encode_prompt(tokenizer, prompt: Prompt) -> list[int]:
+    """Token ids of a prompt: a chat as its template renders it (specials included), raw text with the
+    tokenizer's own specials (a base model's BOS), as documents are encoded for training."""
+    if isinstance(prompt, str):
+        return tokenizer(prompt)["input_ids"]
+    return tokenizer(render(tokenizer, prompt), add_special_tokens=False)["input_ids"]

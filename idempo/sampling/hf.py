@@ -11,10 +11,10 @@ import torch
 
 from idempo.evaluation.branching import TokenStats, token_stats
 from idempo.models import Generation, Policy
-from idempo.sampling.base import Completion, Prompt, SamplingParams
+from idempo.sampling.base import Completion, Prompt, PromptEncoding, SamplingParams, encode_prompt
 
 
-class HFSampler:
+class HFSampler(PromptEncoding):
     def __init__(self, policy: Policy, tokenizer, batch_size: int):
         self.policy = policy
         self.tokenizer = tokenizer
@@ -30,11 +30,6 @@ class HFSampler:
 
     def sleep(self) -> None:
         """The policy's weights are the trainer's own: nothing to give back."""
-
-    def generate(
-        self, prompts: list[Prompt], params: SamplingParams, generation: Generation, progress=None
-    ) -> list[Completion]:
-        return self.generate_ids([encode_prompt(self.tokenizer, p) for p in prompts], params, generation, progress)
 
     def generate_ids(
         self, encoded: list[list[int]], params: SamplingParams, generation: Generation, progress=None
@@ -134,21 +129,6 @@ class HFSampler:
             predicting = logits[row, keep - 1 - len(answer) : keep - 1]  # position t-1 predicts token t
             stats.append(token_stats(predicting, torch.tensor(answer, device=device), temperature, top_p))
         return stats
-
-
-def render(tokenizer, prompt: Prompt) -> str:
-    """Chat prompts through the model's chat template (ready for the answer); raw text as it is."""
-    if isinstance(prompt, str):
-        return prompt
-    return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-
-
-def encode_prompt(tokenizer, prompt: Prompt) -> list[int]:
-    """Token ids of a prompt: a chat as its template renders it (specials included), raw text with the
-    tokenizer's own specials (a base model's BOS), as documents are encoded for training."""
-    if isinstance(prompt, str):
-        return tokenizer(prompt)["input_ids"]
-    return tokenizer(render(tokenizer, prompt), add_special_tokens=False)["input_ids"]
 
 
 def stop_token_ids(tokenizer, model) -> list[int]:

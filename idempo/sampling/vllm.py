@@ -19,8 +19,8 @@ import time
 from idempo.config import ConfigError
 from idempo.evaluation.branching import TokenStats
 from idempo.models import Generation, Policy, model_path, resolve_device, resolve_dtype
-from idempo.sampling.base import Completion, Prompt, SamplingParams
-from idempo.sampling.hf import HFSampler, encode_prompt, stop_token_ids
+from idempo.sampling.base import Completion, Prompt, PromptEncoding, SamplingParams
+from idempo.sampling.hf import HFSampler, stop_token_ids
 
 # vLLM serves LoRA adapters up to these ranks; an adapter's rank is rounded up to the next one.
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
@@ -33,7 +33,7 @@ def engine_lora_rank(rank: int) -> int:
     raise ConfigError([f"training.lora.rank: got {rank}; the vllm sampler serves ranks up to {VLLM_LORA_RANKS[-1]}"])
 
 
-class VLLMSampler:
+class VLLMSampler(PromptEncoding):
     def __init__(self, llm, tokenizer, policy: Policy | None, stop_ids: list[int], sleep_while_training: bool):
         self.llm = llm
         self.tokenizer = tokenizer
@@ -105,11 +105,6 @@ class VLLMSampler:
         key = str(generation.path)
         adapter_id = self._adapter_ids.setdefault(key, len(self._adapter_ids) + 1)
         return LoRARequest(lora_name=f"{generation.name}-{adapter_id}", lora_int_id=adapter_id, lora_path=key)
-
-    def generate(
-        self, prompts: list[Prompt], params: SamplingParams, generation: Generation, progress=None
-    ) -> list[Completion]:
-        return self.generate_ids([encode_prompt(self.tokenizer, p) for p in prompts], params, generation, progress)
 
     def generate_ids(
         self, prompt_ids: list[list[int]], params: SamplingParams, generation: Generation, progress=None

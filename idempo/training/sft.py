@@ -17,7 +17,7 @@ from torch.nn import functional as F
 
 from idempo.config import TrainingConfig
 from idempo.models import Policy
-from idempo.sampling.hf import render
+from idempo.sampling.base import render
 
 IGNORE = -100
 
