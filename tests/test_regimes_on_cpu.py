@@ -230,6 +230,47 @@ def test_self_rewarding_with_its_own_weights_as_judge_runs_and_counts(tmp_path):
         assert "no pairs" in history[-1]["train"]["skipped"]
 
 
+def test_self_rewarding_pairs_follow_the_models_own_judgments(tmp_path):
+    """M_seed learns to answer "Score: N" (N varies) and, asked to judge, to give the score the answer
+    states, so its own judgments of its candidates parse and differ; every kept pair prefers the candidate
+    its judgment scored higher, and every dropped prompt is a tie."""
+    from idempo.evaluation.judging import render_rubric
+    from idempo.self_reward import SELF_JUDGE_PROMPT
+
+    seed_data = tmp_path / "scores.jsonl"
+    rows = [{"prompt": f"Rate answer {i}.", "response": f"Score: {1 + i % 5}"} for i in range(60)]
+    rows += [
+        {"prompt": render_rubric(SELF_JUDGE_PROMPT, f"Question {i}?", f"Score: {k}"), "response": f"Score: {k}"}
+        for i in range(12)
+        for k in range(1, 6)
+    ]
+    seed_data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = preference_config(
+        regime="self_reward",
+        cycles=1,
+        n_seed=120,
+        n_sampled=12,
+        seeding={"source": "jsonl", "path": str(seed_data)},
+        training={"learning_rate": 3e-3, "epochs": 6, "batch_size": 8},
+        preference={"candidates": 4, "candidate_temperature": 1.0, "judge_max_new_tokens": 8},
+    )
+    history = run_trial(config, tmp_path / "trial")
+    data = history[-1]["data"]
+    samples = read_jsonl(TrialLayout(tmp_path / "trial").data(1))
+    scored = [s for row in samples for s in row["scores"] if s is not None]
+    assert len(scored) > len(samples), "the model's judgments should mostly parse"
+    assert data["pairs"] > 0 and data["pairs"] + data["dropped_ties"] == 12
+    for row in samples:
+        marks = [m for m in row["scores"] if m is not None]
+        if row["kept"]:
+            chosen = row["candidates"].index(row["response"])
+            rejected = row["candidates"].index(row["rejected"])
+            assert row["scores"][chosen] == max(marks) > min(marks) == row["scores"][rejected]
+        else:
+            assert len(marks) < 2 or len(set(marks)) == 1
+    assert history[-1]["train"]["steps"] > 0
+
+
 # -- synthetic document finetuning --------------------------------------------------------------------
 
 
