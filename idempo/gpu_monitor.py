@@ -19,8 +19,7 @@ class GpuMonitor:
     """Samples the utilization of the GPUs this process sees between start and stop: `wall_s` always,
     `busy_s` and `idle_s` (averaged over the GPUs) where a GPU and nvidia-smi are."""
 
-    def __init__(self, devices: list[int] | None = None):
-        self.devices = devices
+    def __init__(self):
         self.wall_s: float | None = None
         self.busy_s: float | None = None
         self.idle_s: float | None = None
@@ -39,8 +38,6 @@ class GpuMonitor:
             return self
         command = ["nvidia-smi", "--query-gpu=index,utilization.gpu", "--format=csv,noheader,nounits"]
         command += [f"-lms={PERIOD_MS}"]
-        if self.devices is not None:
-            command += ["-i", ",".join(map(str, self.devices))]
         self._process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()

@@ -69,15 +69,16 @@ class HFSampler(PromptEncoding):
         sampling_or_greedy = sampling if params.temperature > 0 else {"do_sample": False, "repetition_penalty": 1.0}
         if params.stop:
             sampling_or_greedy = {**sampling_or_greedy, "stop_strings": list(params.stop), "tokenizer": self.tokenizer}
+        end_of_turn = stop_token_ids(self.tokenizer, getattr(model, "generation_config", None))
         output = model.generate(
             input_ids=input_ids.to(device),
             attention_mask=attention.to(device),
             max_new_tokens=params.max_new_tokens,
             pad_token_id=pad,
-            eos_token_id=stop_token_ids(self.tokenizer, model),
+            eos_token_id=end_of_turn,
             **sampling_or_greedy,
         )
-        stops = {*stop_token_ids(self.tokenizer, model), pad}  # rows that finished early are padded
+        stops = {*end_of_turn, pad}  # rows that finished early are padded
         completions = []
         for row in output[:, width:].tolist():
             end = next((i for i, token in enumerate(row) if token in stops), None)
@@ -131,9 +132,9 @@ class HFSampler(PromptEncoding):
         return stats
 
 
-def stop_token_ids(tokenizer, model) -> list[int]:
+def stop_token_ids(tokenizer, generation_config) -> list[int]:
     """End-of-turn tokens: the model's generation config (Qwen lists two) and the tokenizer's eos."""
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    configured = getattr(generation_config, "eos_token_id", None)
     ids = configured if isinstance(configured, list) else [configured]
     ids = [i for i in ids + [tokenizer.eos_token_id] if i is not None]
     return list(dict.fromkeys(ids))

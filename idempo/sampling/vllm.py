@@ -74,7 +74,7 @@ class VLLMSampler(PromptEncoding):
             start_engine(config),
             tokenizer,
             policy,
-            list(dict.fromkeys(stop_token_ids(tokenizer, None) + _generation_config_stops(config))),
+            stop_token_ids(tokenizer, _generation_config(config)),
             config.sampling.vllm.sleep_while_training,
         )
 
@@ -109,8 +109,8 @@ class VLLMSampler(PromptEncoding):
     def generate_ids(
         self, prompt_ids: list[list[int]], params: SamplingParams, generation: Generation, progress=None
     ) -> list[Completion]:
-        """One completion per tokenized prompt; each request has its own seed, so draws do not depend on
-        how the engine batches them."""
+        """One completion per tokenized prompt, each request with its own seed. (Draws can still change
+        with what the engine batches or caches alongside: the numerics differ, near-ties flip.)"""
         from vllm import SamplingParams as EngineParams
         from vllm.inputs import TokensPrompt
 
@@ -193,16 +193,14 @@ def start_engine(config):
     )
 
 
-def _generation_config_stops(config) -> list[int]:
-    """End-of-turn ids the model's generation config lists beside the tokenizer's eos (Qwen lists two)."""
+def _generation_config(config):
+    """The model's generation config (where its end-of-turn ids are listed), None if it ships none."""
     from transformers import GenerationConfig
 
     try:
-        generation = GenerationConfig.from_pretrained(model_path(config.model), revision=config.loading.revision)
+        return GenerationConfig.from_pretrained(model_path(config.model), revision=config.loading.revision)
     except OSError:
-        return []
-    ids = generation.eos_token_id
-    return [i for i in (ids if isinstance(ids, list) else [ids]) if i is not None]
+        return None
 
 
 def _tokens_through_stop(tokenizer, token_ids: list[int], stop: tuple[str, ...]) -> list[int]:
