@@ -122,18 +122,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _reporting_errors(handler, args) -> int:
-    """Bad input exits 2, a judge or teacher endpoint that keeps failing exits 1, each with one message."""
+    """Bad input exits 2; a judge or teacher endpoint that keeps failing, or a generation left with nothing
+    to train on, exits 1; each with one message."""
     from idempo.artifacts import TrialConflict
     from idempo.config import ConfigError
     from idempo.endpoint import EndpointError
     from idempo.models import ModelLoadError
+    from idempo.training.data import NothingToTrain
 
     try:
         return handler(args)
     except (ConfigError, TrialConflict, ModelLoadError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except EndpointError as err:
+    except (EndpointError, NothingToTrain) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_FAILED
 
@@ -276,8 +278,24 @@ def sweep_table(sweep) -> str:
         f"({sum(b.get('CPU', 0) for b in request):g} CPUs, {resources.gpus:g} GPUs); "
         f"in all {len(sweep.trials) * resources.gpus:g} GPU-trials; max_concurrent_trials: "
         f"{sweep.run.max_concurrent_trials}",
+        shared_stages_line(sweep),
     ]
     return "\n".join(lines)
+
+
+def shared_stages_line(sweep) -> str:
+    """How often each shared stage runs: once per group of trials that read the same inputs."""
+    groups = sweep.stage_groups()
+    n = len(sweep.trials)
+
+    def times(count: int) -> str:
+        return "once" if count == 1 else f"{count} times"
+
+    seed = times(len(groups["seed"])) if "seed" in groups else f"{times(n)} (retrain_seed_model: each trial its own)"
+    return (
+        f"shared stages for {n} trials: M_init evaluated {times(len(groups['init']))}, M_seed trained {seed} "
+        f"(in {sweep.shared_dir})"
+    )
 
 
 def _table(columns: list[str], rows: list[dict]) -> str:
@@ -297,9 +315,14 @@ def _cell(value) -> str:
 def _config(args) -> int:
     import yaml
 
-    from idempo.config import load_config
+    from idempo.config import apply_overrides, config_from_dict, read_yaml_mapping, regime_defaults_applied
 
-    config = load_config(args.config, args.overrides)
+    raw = apply_overrides(read_yaml_mapping(args.config, "config"), args.overrides)
+    config = config_from_dict(raw, source=str(args.config))
+    applied = regime_defaults_applied(raw)
+    if applied:
+        settings = ", ".join(f"{key}={value}" for key, value in applied.items())
+        print(f"# regime {config.regime} sets, where this config does not: {settings} (docs/loop.md)")
     print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
     return EXIT_OK
 

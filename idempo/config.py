@@ -248,10 +248,20 @@ class JudgeConfig(EndpointConfig):
     """A scorer of (question, answer) pairs on 0-100: regex markers, an endpoint, or a local HF model."""
 
     backend: str = Field("marker", description="marker: persona regexes; openai: an endpoint; hf: a local model.")
-    top_logprobs: int = Field(20, ge=1, le=20, description="Alternatives read at the first answer token.")
+    top_logprobs: int = Field(
+        20, ge=1, le=20, description="Next-token alternatives an endpoint returns at each position read (openai)."
+    )
     refusal_mass: float = Field(0.25, ge=0, le=1, description="Below this probability on numbers: a refusal.")
     max_tokens: int = Field(4, gt=0, description="Tokens the judge may write (the text fallback reads them).")
     batch_size: int = Field(8, gt=0, description="Judge prompts per forward pass (hf).")
+    continuation_batch: int = Field(
+        32, gt=0, description="Number continuations per forward pass over the cached prompts (hf); bounds memory."
+    )
+    max_reasoning_tokens: int = Field(
+        1024,
+        gt=0,
+        description="Reasoning a thinking-only judge may write before its number; unclosed by then: a refusal.",
+    )
     cache: bool = Field(True, description="Keep answers on disk so a repeated judgment costs nothing.")
 
     @field_validator("backend")
@@ -273,11 +283,28 @@ class JudgeConfig(EndpointConfig):
 
 
 class BranchingFactorConfig(_Section):
-    """Branching factor of the evaluated model along its own eval answers (Yang & Holtzman)."""
+    """Branching factor of the evaluated model along its own eval answers (Yang & Holtzman). Defaults: the
+    idempotence paper's estimator (5 answers per question, NLL clipped at 4, pooled over tokens, raw log-probs)."""
 
-    enabled: bool = True
+    enabled: bool = Field(True, description="Compute the branching factor (one extra forward pass per answer).")
     estimator: Literal["nll", "entropy"] = Field(
         "nll", description="Headline estimator: nll (sampled-token NLL, clipped) or entropy (top-p truncated)."
+    )
+    pooling: Literal["pooled", "per_answer", "per_prompt"] = Field(
+        "pooled",
+        description="pooled: exp(mean over every sampled token); per_answer: exp of each answer's mean, "
+        "averaged; per_prompt: exp of each prompt's mean over its answers' tokens, averaged over prompts.",
+    )
+    logprob_temperature: Literal["raw", "evaluation"] = Field(
+        "raw",
+        description="Log-probs of the raw model distribution (T=1, what vLLM returns by default) or at "
+        "evaluation.temperature (softmax(logits / T)).",
+    )
+    samples_per_prompt: int = Field(
+        5,
+        gt=0,
+        description="Answers per eval prompt the BF is computed on: the first ones of the judged evaluation, "
+        "and, beyond evaluation.samples_per_prompt, extra answers sampled for the BF only (not judged).",
     )
     top_p: float = Field(0.9, gt=0, le=1, description="Nucleus of the entropy estimator, renormalised.")
     nll_clip: float = Field(4.0, gt=0, description="Per-token NLL is clipped here (nats).")
@@ -285,12 +312,19 @@ class BranchingFactorConfig(_Section):
 
 
 class AmplificationConfig(_Section):
-    """When a trial counts as amplified (authors: max over j >= 4 of score_j - score_0 >= 15)."""
+    """When a trial counts as amplified: a rise of score_j - score_0 >= threshold at a cycle j >= first_cycle
+    (the authors' rule, criterion delta: 15 points, j >= 4), by default also significant (criterion test)."""
 
     threshold: float = Field(15.0, ge=0, description="Points of trait score above M_seed's (cycle 0).")
     first_cycle: int = Field(4, ge=1, description="Only cycles j >= first_cycle count.")
-    criterion: Literal["delta", "ci"] = Field(
-        "delta", description="delta: the rise alone; ci: also cycle j's 95% CI wholly above the seed's."
+    criterion: Literal["test", "delta", "ci"] = Field(
+        "test",
+        description="test: the rise and a one-sided test of it at familywise level alpha (Bonferroni over the "
+        "counted cycles), which keeps a constant trait from being flagged by noise; delta: the rise alone "
+        "(the authors' rule); ci: the rise and cycle j's 95% CI wholly above the seed's.",
+    )
+    alpha: float = Field(
+        0.05, gt=0, lt=1, description="criterion test: familywise false-positive rate over the counted cycles."
     )
     sustained_cycles: int = Field(1, ge=1, description="Consecutive qualifying cycles needed (1: authors' rule).")
 
@@ -317,22 +351,52 @@ class EvaluationConfig(_Section):
 class PreferenceConfig(_Section):
     """Preference regimes (dpo, kto, self_reward): reference policy, KTO weights, self-judged candidates."""
 
-    reference: Literal["start", "initial"] = Field(
+    reference: Literal["start", "initial", "previous"] = Field(
         "start",
         description="start: the weights the cycle starts from (M_init when reinitialised, M_{j-1} when "
-        "continual); initial: always M_init.",
+        "continual); initial: always M_init; previous: always M_{j-1} (M_init for M_seed), also when the "
+        "policy restarts from M_init.",
     )
     desirable_weight: float = Field(1.0, gt=0, description="KTO lambda_D.")
     undesirable_weight: float = Field(1.0, gt=0, description="KTO lambda_U.")
-    candidates: int = Field(4, ge=2, description="self_reward: answers M_{j-1} writes per prompt.")
-    candidate_temperature: float = Field(0.7, ge=0)
-    candidate_top_p: float = Field(0.9, gt=0, le=1)
+    candidates: int = Field(4, ge=2, description="self_reward: answers M_{j-1} writes per prompt (Yuan et al.: 4).")
+    candidate_temperature: float = Field(
+        0.7, ge=0, description="self_reward: sampling temperature of candidates and of the model's judgments."
+    )
+    candidate_top_p: float = Field(
+        0.9, gt=0, le=1, description="self_reward: nucleus of candidates and of the model's judgments."
+    )
+    judge_samples: int = Field(
+        3,
+        gt=0,
+        description="self_reward: judgments M_{j-1} samples per candidate (at the candidates' temperature and "
+        "top-p), averaged over those that give a score (Yuan et al.: 3).",
+    )
     judge_max_new_tokens: int = Field(256, gt=0, description="self_reward: tokens of the model's own judgment.")
     reward_judge: JudgeConfig | None = Field(
         None, description="self_reward: an external judge (openai or hf) instead of the model's own weights."
     )
 
     _reward_reads_a_rubric = field_validator("reward_judge")(lambda value: _rubric_judge(value))
+
+
+class CycleDataConfig(_Section):
+    """What of M_{j-1}'s samples M_j trains on. Empty answers are always dropped (and counted)."""
+
+    seed_mix: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Share of D_seed mixed into every cycle's training data (a seeded draw per cycle; "
+        "preference regimes: D_seed's answers over M_init's, as in the seed stage). 0: none.",
+    )
+    min_coherence: float | None = Field(
+        None,
+        ge=0,
+        le=100,
+        description="Drop samples whose coherence (evaluation.coherence_judge) is below this before training; "
+        "null: keep every sample. Preference regimes filter on the chosen answer.",
+    )
 
 
 class LoadingConfig(_Section):
@@ -385,6 +449,7 @@ class ExperimentConfig(_Section):
     sampling: SamplingConfig = SamplingConfig()
     training: TrainingConfig = TrainingConfig()
     preference: PreferenceConfig = PreferenceConfig()
+    cycle_data: CycleDataConfig = CycleDataConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     loading: LoadingConfig = LoadingConfig()
 
@@ -417,6 +482,34 @@ class ExperimentConfig(_Section):
             return str(Path(value).resolve())
         raise ValueError(f"unknown persona; allowed: {_choices(persona_names())} or a persona YAML file")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _regime_defaults(cls, data: Any) -> Any:
+        """Each regime starts from the defaults of the paper it implements (REGIME_DEFAULTS); a value the
+        config sets itself wins."""
+        if isinstance(data, dict) and isinstance(data.get("regime"), str):
+            return fill_missing(data, REGIME_DEFAULTS.get(data["regime"], {}))
+        return data
+
+    @model_validator(mode="after")
+    def _regime_inputs(self) -> ExperimentConfig:
+        if self.regime == "kto" and self.training.batch_size < 2:
+            raise ValueError(
+                f"training.batch_size: got {self.training.batch_size}; kto needs at least 2: its reference "
+                "point z0 is the mean log-ratio of mismatched (prompt, answer) pairs within a micro-batch"
+            )
+        if self.cycle_data.min_coherence is not None and self.evaluation.coherence_judge is None:
+            raise ValueError(
+                f"cycle_data.min_coherence: got {self.cycle_data.min_coherence:g}, a filter on the samples' "
+                "coherence scores; set evaluation.coherence_judge (openai or hf), or min_coherence to null"
+            )
+        if self.cycle_data.seed_mix > 0 and self.regime == "self_reward":
+            raise ValueError(
+                f"cycle_data.seed_mix: got {self.cycle_data.seed_mix:g}; self_reward trains on self-judged pairs "
+                "and D_seed holds single answers; allowed for self_reward: 0"
+            )
+        return self
+
     @model_validator(mode="after")
     def _engines_fit_together(self) -> ExperimentConfig:
         if self.sampling.backend == "vllm" and self.training.finetune != "lora":
@@ -430,6 +523,44 @@ class ExperimentConfig(_Section):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+
+# The authors' DPO setup (lr 1e-5, cosine to 0) for every preference regime, and Yuan et al.'s M_{t+1}
+# trained from M_t for self-rewarding; sft and sdf keep the field defaults (the authors' SFT setup).
+REGIME_DEFAULTS: dict[str, dict[str, Any]] = {
+    "dpo": {"training": {"learning_rate": 1.0e-5, "min_lr_ratio": 0.0}},
+    "kto": {"training": {"learning_rate": 1.0e-5, "min_lr_ratio": 0.0}},
+    "self_reward": {"init": "previous", "training": {"learning_rate": 1.0e-5, "min_lr_ratio": 0.0}},
+}
+
+
+def fill_missing(data: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """A copy of `data` with every key of `defaults` that it lacks (sections merged, not replaced)."""
+    filled = dict(data)
+    for key, value in defaults.items():
+        if isinstance(value, dict):
+            section = filled.get(key, {})
+            filled[key] = fill_missing(section, value) if isinstance(section, dict) else section
+        elif key not in filled:
+            filled[key] = value
+    return filled
+
+
+def regime_defaults_applied(data: dict[str, Any]) -> dict[str, Any]:
+    """The regime defaults a raw config leaves in force, as dotted keys: what `idempo config` points out."""
+    applied: dict[str, Any] = {}
+
+    def walk(given: Any, defaults: dict[str, Any], prefix: str) -> None:
+        for key, value in defaults.items():
+            inner = given.get(key) if isinstance(given, dict) else None
+            if isinstance(value, dict):
+                walk(inner, value, f"{prefix}{key}.")
+            elif not isinstance(given, dict) or key not in given:
+                applied[f"{prefix}{key}"] = value
+
+    regime = data.get("regime", "sft")
+    walk(data, REGIME_DEFAULTS.get(regime, {}) if isinstance(regime, str) else {}, "")
+    return applied
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> ExperimentConfig:
@@ -495,6 +626,8 @@ def describe_error(error: dict[str, Any], root: type[BaseModel] | None = None) -
     if error["type"] == "model_type":
         return f"{path}: got {got!r}; must be a section (a mapping of keys)"
     if isinstance(got, dict):  # a check across a section's fields
+        if not loc and re.match(r"[\w.]+: ", message):  # the check names the field it is about
+            return message
         return f"{path}: {message}"
     return f"{path}: got {got!r}; {message}"
 

@@ -10,6 +10,10 @@ Judges and the teacher send many small requests. Each goes through `EndpointClie
 When the retries run out, `EndpointError` says what was asked and what went wrong last. A judge never
 turns a failure into a score.
 
+Judges of a vLLM server also call its completions endpoint (token-id prompts) and its `/tokenize` and
+`/detokenize` endpoints (at the server root, not under /v1): `EndpointClient.run_jobs` gives each job
+a `Calls` whose every request goes through the same slots and retries.
+
 The openai client's own retries are off (`max_retries=0`), so this module is the only retry policy and
 its counts in `Usage` are exact.
 """
@@ -27,6 +31,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 from idempo.config import ConfigError, EndpointConfig
 
@@ -46,7 +51,7 @@ class UnusableAnswer(ValueError):
 class Usage:
     """What the endpoint was asked, for one phase; `cost_usd` needs the config's prices."""
 
-    requests: int = 0  # HTTP requests sent, retries included
+    requests: int = 0  # HTTP requests sent, retries and tokenizer look-ups included
     retries: int = 0
     cached: int = 0  # answered from the on-disk cache, no request sent
     prompt_tokens: int = 0
@@ -95,27 +100,38 @@ class EndpointClient:
     def run(self, requests: list[dict], parse: Callable[[Any, int], T]) -> list[T]:
         """Send chat requests (kwargs of `chat.completions.create`), return `parse(response, index)` for
         each. `parse` raises `UnusableAnswer` for a reply worth asking again."""
-        if not requests:
-            return []
-        return _run_coroutine(self._run_all(requests, parse))
 
-    async def _run_all(self, requests: list[dict], parse: Callable[[Any, int], T]) -> list[T]:
+        async def job(calls: Calls, index: int) -> T:
+            return await calls.chat(requests[index], lambda response: parse(response, index))
+
+        return self.run_jobs(len(requests), job)
+
+    def run_jobs(self, count: int, job: Callable[[Calls, int], Awaitable[T]]) -> list[T]:
+        """`job(calls, index)` for index in range(count), concurrently; a job may make several requests
+        through `calls`, each holding one of the `concurrency` slots while it runs."""
+        if not count:
+            return []
+        return _run_coroutine(self._run_jobs(count, job))
+
+    async def _run_jobs(self, count: int, job: Callable[[Calls, int], Awaitable[T]]) -> list[T]:
         from openai import AsyncOpenAI
 
-        limit = asyncio.Semaphore(self.config.concurrency)
         async with AsyncOpenAI(
             api_key=self.key, base_url=self.config.base_url, timeout=self.config.timeout_s, max_retries=0
         ) as client:
+            calls = Calls(self, client, asyncio.Semaphore(self.config.concurrency))
+            return list(await asyncio.gather(*(job(calls, i) for i in range(count))))
 
-            async def one(index: int) -> T:
-                async with limit:
-                    return await self._with_retries(
-                        lambda: client.chat.completions.create(**requests[index]), lambda r: parse(r, index)
-                    )
+    def server_url(self, path: str) -> str:
+        """A path at the server root (`/tokenize`), from a base_url that ends in /v1 or not."""
+        parts = urlsplit(self.config.base_url or "https://api.openai.com/v1")
+        root = parts.path.rstrip("/")
+        root = root[: -len("/v1")] if root.endswith("/v1") else ""
+        return urlunsplit((parts.scheme, parts.netloc, root + path, "", ""))
 
-            return list(await asyncio.gather(*(one(i) for i in range(len(requests)))))
-
-    async def _with_retries(self, send: Callable[[], Awaitable[Any]], parse: Callable[[Any], T]) -> T:
+    async def _with_retries(
+        self, send: Callable[[], Awaitable[Any]], parse: Callable[[Any], T], absent: tuple[int, ...] = ()
+    ) -> T | None:
         import openai
 
         attempts = self.config.max_retries + 1
@@ -127,6 +143,8 @@ class EndpointClient:
                 self.usage.add_tokens(getattr(response, "usage", None), self.config)
                 return parse(response)
             except openai.APIStatusError as err:
+                if err.status_code in absent:
+                    return None
                 if err.status_code != 429 and err.status_code < 500:
                     raise EndpointError(f"{self._what()}: HTTP {err.status_code}, not retried: {_brief(err)}") from err
                 problem, wait_hint = f"HTTP {err.status_code}: {_brief(err)}", retry_after(err.response.headers)
@@ -152,8 +170,40 @@ class EndpointClient:
         return random.uniform(0, min(self.config.max_backoff_s, self.config.backoff_s * 2**attempt))
 
     def _what(self) -> str:
-        where = self.config.base_url or "the OpenAI API"
-        return f"{self.field} ({self.config.model} at {where})"
+        return describe(self.config, self.field)
+
+
+def describe(config: EndpointConfig, field: str) -> str:
+    """Which endpoint, for error messages: 'evaluation.judge (MODEL at URL)'."""
+    return f"{field} ({config.model} at {config.base_url or 'the OpenAI API'})"
+
+
+class Calls:
+    """The requests one batch of jobs may make; each holds a concurrency slot and is retried."""
+
+    def __init__(self, endpoint: EndpointClient, client, limit: asyncio.Semaphore):
+        self.endpoint = endpoint
+        self.client = client
+        self.limit = limit
+
+    async def chat(self, request: dict, parse: Callable[[Any], T]) -> T:
+        """A chat completion (kwargs of `chat.completions.create`)."""
+        return await self._call(lambda: self.client.chat.completions.create(**request), parse)
+
+    async def completion(self, request: dict, parse: Callable[[Any], T]) -> T:
+        """A legacy text completion (kwargs of `completions.create`; server extensions in `extra_body`)."""
+        return await self._call(lambda: self.client.completions.create(**request), parse)
+
+    async def post(self, path: str, body: dict, parse: Callable[[Any], T], absent_ok: bool = False) -> T | None:
+        """A JSON POST to a path at the server root; with `absent_ok`, None where the server has no such
+        endpoint, or one for another request schema (404, 405, 422), instead of an error."""
+        url = self.endpoint.server_url(path)
+        absent = (404, 405, 422) if absent_ok else ()
+        return await self._call(lambda: self.client.post(url, cast_to=object, body=body), parse, absent)
+
+    async def _call(self, send, parse, absent: tuple[int, ...] = ()):
+        async with self.limit:
+            return await self.endpoint._with_retries(send, parse, absent)
 
 
 def retry_after(headers) -> float | None:

@@ -13,6 +13,7 @@ boundary produces exactly what an uninterrupted one would. Artifacts go through 
 from __future__ import annotations
 
 import hashlib
+import random
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,12 +35,20 @@ from idempo.evaluation.judging import JudgeSpec, judge_loading, make_judge, rend
 from idempo.gpu_monitor import GpuMonitor
 from idempo.models import INITIAL, Generation, Policy, load_base_model, load_tokenizer, make_policy
 from idempo.personas import Persona, get_persona
-from idempo.progress import Reporter
+from idempo.progress import Reporter, summary_line
 from idempo.prompts import cycle_prompts, eval_prompts, seed_prompts, train_prompts
 from idempo.sampling import SAMPLERS, Sampler, SamplingParams
 from idempo.seed_data import given_seed_rows, persona_chats, persona_documents
-from idempo.self_reward import EXTERNAL_JUDGE_RUBRIC, SELF_JUDGE_PROMPT, pair_rows, parse_self_judgment
+from idempo.self_reward import (
+    EXTERNAL_JUDGE_RUBRIC,
+    SELF_JUDGE_PROMPT,
+    mean_judgment,
+    pair_rows,
+    parse_self_judgment,
+)
+from idempo.shared import SharedStages
 from idempo.teacher import teacher_seed_rows
+from idempo.training.data import data_summary, drop, drop_empty, kept
 from idempo.training.regimes import fit_generation
 from idempo.training.zero import ZeroWorker, ZeroWorkers
 from idempo.training.zero import check as check_zero
@@ -51,10 +60,15 @@ def derive_seed(*parts) -> int:
 
 
 def run_trial(
-    config: ExperimentConfig, out: str | Path, until_cycle: int | None = None, reporter: Reporter | None = None
+    config: ExperimentConfig,
+    out: str | Path,
+    until_cycle: int | None = None,
+    reporter: Reporter | None = None,
+    shared: SharedStages | None = None,
 ) -> list[dict]:
-    """Run (or resume) a trial in `out`; returns the metrics of every completed cycle, -1 first."""
-    trial = Trial(config, Path(out), reporter or Reporter(enabled=False))
+    """Run (or resume) a trial in `out`; returns the metrics of every completed cycle, -1 first. With
+    `shared`, M_init's evaluation and the seed stage come from (or go to) a sweep's shared store."""
+    trial = Trial(config, Path(out), reporter or Reporter(enabled=False), shared)
     trial.evaluate_initial()
     trial.seed()
     last = config.cycles if until_cycle is None else min(config.cycles, until_cycle)
@@ -119,10 +133,11 @@ def load_engines(config: ExperimentConfig) -> tuple[object, Policy, Sampler]:
 class Trial:
     """The state of one trial: M_init loaded once, the policy, the sampler, the prompt sets."""
 
-    def __init__(self, config: ExperimentConfig, out: Path, reporter: Reporter):
+    def __init__(self, config: ExperimentConfig, out: Path, reporter: Reporter, shared: SharedStages | None = None):
         self.config = config
         self.reporter = reporter
         self.layout = TrialLayout(out)
+        self.shared = shared
         # Everything that can be wrong with the inputs fails here, before the model is loaded.
         self.persona = get_persona(config.persona)
         self.documents = config.regime == "sdf"
@@ -156,31 +171,44 @@ class Trial:
     # -- the three stages -------------------------------------------------------------------------
 
     def evaluate_initial(self) -> None:
-        if self._done(INIT_CYCLE):
-            return
-        timing: dict[str, float] = {}
-        gpu = GpuMonitor().start()  # timing_s: total, and on GPUs gpu_busy / gpu_idle
-        rows, metrics = self._evaluate(INIT_CYCLE, INITIAL, self.config.seeding.seed, timing)
-        self._finish(INIT_CYCLE, INITIAL, rows, metrics, timing, gpu)
+        if not self._done(INIT_CYCLE):
+            self._stage(INIT_CYCLE, self._evaluate_initial)
 
     def seed(self) -> None:
         """D_seed from the persona, M_seed trained on it from a fresh start."""
-        if self._done(SEED_CYCLE):
+        if not self._done(SEED_CYCLE):
+            self._stage(SEED_CYCLE, self._seed_stage)
+
+    def _stage(self, cycle: int, produce) -> None:
+        """A stage several trials may share: from the sweep's store when it has it, else run here."""
+        if self.shared is None or not self.shared.covers(cycle):
+            produce(None)
             return
+        self.shared.run(cycle, self.config, self.layout, produce, self.reporter.note)
+        metrics = read_json(self.layout.metrics(cycle))
+        if metrics["shared"]["reused"]:
+            self.reporter.note(f"{summary_line(metrics)}  (shared: run by {metrics['shared']['origin']})")
+
+    def _evaluate_initial(self, shared: dict | None) -> None:
+        timing: dict[str, float] = {}
+        gpu = GpuMonitor().start()  # timing_s: total, and on GPUs gpu_busy / gpu_idle
+        rows, metrics = self._evaluate(INIT_CYCLE, INITIAL, self.config.seeding.seed, timing)
+        self._finish(INIT_CYCLE, INITIAL, rows, metrics, timing, gpu, shared=shared)
+
+    def _seed_stage(self, shared: dict | None) -> None:
         timing: dict[str, float] = {}
         gpu = GpuMonitor().start()  # timing_s: total, and on GPUs gpu_busy / gpu_idle
         stage_seed = self.config.seeding.seed
         path = self.layout.data(SEED_CYCLE)
         if not path.exists():
             with self._timed("seed data", timing):
-                write_jsonl(path, self._build_seed_data())
+                write_jsonl(path, drop_empty(self._build_seed_data()))
         rows = read_jsonl(path)
         if self.config.regime in ("dpo", "kto"):  # M_seed prefers D_seed's answers over M_init's
-            initial = self._initial_answers([r["prompt"] for r in rows], stage_seed, "seed", timing)
-            rows = [{**r, "rejected": initial[r["prompt"]]} for r in rows]
+            rows = self._with_initial_rejected(rows, stage_seed, "seed", timing)
         generation, stats = self._train(SEED_CYCLE, rows, stage_seed, fresh=True, timing=timing)
         eval_rows, metrics = self._evaluate(SEED_CYCLE, generation, stage_seed, timing)
-        self._finish(SEED_CYCLE, generation, eval_rows, metrics, timing, gpu, data=rows, train=stats)
+        self._finish(SEED_CYCLE, generation, eval_rows, metrics, timing, gpu, data=rows, train=stats, shared=shared)
 
     def cycle(self, cycle: int) -> None:
         """Sample from M_{j-1}, train M_j from the init strategy's start, evaluate M_j."""
@@ -237,19 +265,65 @@ class Trial:
         return [{"prompt": p, "response": c.text} for p, c in zip(prompts, completions, strict=True)]
 
     def _cycle_data(self, cycle: int, previous: Generation, timing: dict) -> list[dict]:
-        """What M_j trains on: M_{j-1}'s answers, with rejected answers or self-judged pairs by regime."""
+        """What M_j trains on: M_{j-1}'s answers, with rejected answers or self-judged pairs by regime;
+        empty answers and (with cycle_data.min_coherence) incoherent ones marked as dropped; D_seed mixed
+        in by cycle_data.seed_mix."""
         regime, seed = self.config.regime, self.config.seed
         prompts = cycle_prompts(self._cycle_pool(), self.config.n_sampled, cycle, seed)
         if regime == "self_reward":
-            return self._self_reward_pairs(cycle, prompts, previous, timing)
-        sampling = self.config.sampling
-        params = SamplingParams(
-            sampling.temperature, sampling.top_p, sampling.max_new_tokens, derive_seed(seed, "sample", cycle)
-        )
-        rows = self._answers(prompts, params, previous, f"cycle {cycle}: sample from {previous.name}", timing)
-        if regime in ("dpo", "kto"):
-            rejected = self._rejected_answers(cycle, prompts, timing)
-            rows = [{**row, "rejected": rejected[row["prompt"]]} for row in rows]
+            rows = self._self_reward_pairs(cycle, prompts, previous, timing)
+        else:
+            sampling = self.config.sampling
+            params = SamplingParams(
+                sampling.temperature, sampling.top_p, sampling.max_new_tokens, derive_seed(seed, "sample", cycle)
+            )
+            label = f"cycle {cycle}: sample from {previous.name}"
+            rows = drop_empty(self._answers(prompts, params, previous, label, timing))
+            if regime in ("dpo", "kto"):
+                rows = self._with_rejected(cycle, rows, timing)
+        if self.config.cycle_data.min_coherence is not None:
+            rows = self._coherent(rows, timing)
+        if self.config.cycle_data.seed_mix > 0:
+            rows += self._from_d_seed(cycle, timing)
+        return rows
+
+    def _with_rejected(self, cycle: int, rows: list[dict], timing: dict) -> list[dict]:
+        """The rejected source's answer beside each kept answer (rows already dropped need none)."""
+        wanted = [r["prompt"] for r in kept(rows)]
+        rejected = self._rejected_answers(cycle, wanted, timing) if wanted else {}
+        return drop_empty([{**r, "rejected": rejected[r["prompt"]]} if r.get("kept", True) else r for r in rows])
+
+    def _with_initial_rejected(self, rows: list[dict], seed: int, stage, timing: dict) -> list[dict]:
+        """M_init's answer as the rejected side of each kept row (the seed stage's pairs)."""
+        wanted = [r["prompt"] for r in kept(rows)]
+        initial = self._initial_answers(wanted, seed, stage, timing) if wanted else {}
+        return drop_empty([{**r, "rejected": initial[r["prompt"]]} if r.get("kept", True) else r for r in rows])
+
+    def _coherent(self, rows: list[dict], timing: dict) -> list[dict]:
+        """Rows whose answer the coherence judge scores under cycle_data.min_coherence are dropped."""
+        threshold = self.config.cycle_data.min_coherence
+        judged = [i for i, row in enumerate(rows) if row.get("kept", True)]
+        with self._timed("judge", timing):
+            judgments = self.judges.coherence.score([(rows[i]["prompt"], rows[i]["response"]) for i in judged])
+        rows = list(rows)
+        for index, judgment in zip(judged, judgments, strict=True):
+            row = {**rows[index], "coherence": judgment.score}
+            if judgment.score is None:
+                row = drop(row, "coherence judge refused")
+            elif judgment.score < threshold:
+                row = drop(row, f"coherence below {threshold:g}")
+            rows[index] = row
+        return rows
+
+    def _from_d_seed(self, cycle: int, timing: dict) -> list[dict]:
+        """A seeded draw of cycle_data.seed_mix x |D_seed| rows of D_seed, with M_init's answers as their
+        rejected side in preference regimes (the seed stage's pairs)."""
+        seed_rows = kept(read_jsonl(self.layout.data(SEED_CYCLE)))
+        count = round(self.config.cycle_data.seed_mix * len(seed_rows))
+        chosen = random.Random(derive_seed(self.config.seed, "seed-mix", cycle)).sample(seed_rows, count)
+        rows = [{"prompt": r["prompt"], "response": r["response"], "source": "d_seed"} for r in chosen]
+        if rows and self.config.regime in ("dpo", "kto"):
+            rows = self._with_initial_rejected(rows, self.config.seeding.seed, "seed", timing)
         return rows
 
     def _answers(self, prompts, params, generation, label, timing) -> list[dict]:
@@ -301,26 +375,48 @@ class Trial:
         )
         label = f"cycle {cycle}: {n} candidates per prompt from {previous.name}"
         answers = self._answers([p for p in prompts for _ in range(n)], params, previous, label, timing)
-        items = [(a["prompt"], a["response"]) for a in answers]
         with self._timed("judge", timing):
-            scores = self._reward_scores(items, previous, cycle)
-        return pair_rows(
-            prompts,
-            [[a["response"] for a in answers[i * n : (i + 1) * n]] for i in range(len(prompts))],
-            [scores[i * n : (i + 1) * n] for i in range(len(prompts))],
-        )
+            scores, details = self._reward_scores([(a["prompt"], a["response"]) for a in answers], previous, cycle)
 
-    def _reward_scores(self, items: list[tuple[str, str]], previous: Generation, cycle: int) -> list[float | None]:
+        def per_prompt(values: list) -> list[list]:
+            return [values[i * n : (i + 1) * n] for i in range(len(prompts))]
+
+        if details is not None:  # each candidate's sampled judgments, kept beside its score
+            details = [{key: [d[key] for d in chunk] for key in chunk[0]} for chunk in per_prompt(details)]
+        return pair_rows(prompts, per_prompt([a["response"] for a in answers]), per_prompt(scores), details)
+
+    def _reward_scores(
+        self, items: list[tuple[str, str]], previous: Generation, cycle: int
+    ) -> tuple[list[float | None], list[dict] | None]:
+        """Each candidate's reward and, when M_{j-1} judges itself, its judgments: `judge_samples` sampled at
+        the candidates' temperature and top-p, averaged over those that give a score. An empty candidate is
+        not judged: it has no score."""
+        judged = [i for i, (_, answer) in enumerate(items) if answer.strip()]
+        scores: list[float | None] = [None] * len(items)
         if self.reward_judge is not None:
-            return [j.score for j in self.reward_judge.score(items)]
-        prompts = [[{"role": "user", "content": render_rubric(SELF_JUDGE_PROMPT, q, a)}] for q, a in items]
+            for index, judgment in zip(judged, self.reward_judge.score([items[i] for i in judged]), strict=True):
+                scores[index] = judgment.score
+            return scores, None
+        preference = self.config.preference
+        k = preference.judge_samples
+        prompts = [
+            [{"role": "user", "content": render_rubric(SELF_JUDGE_PROMPT, *items[i])}] for i in judged for _ in range(k)
+        ]
         params = SamplingParams(
-            0.0, 1.0, self.config.preference.judge_max_new_tokens, derive_seed(self.config.seed, "judge", cycle)
+            preference.candidate_temperature,
+            preference.candidate_top_p,
+            preference.judge_max_new_tokens,
+            derive_seed(self.config.seed, "judge", cycle),
         )
-        label = f"cycle {cycle}: {previous.name} judges its candidates"
+        label = f"cycle {cycle}: {previous.name} judges its candidates ({k} judgments each)"
         with self.reporter.phase(label, len(prompts), "judgments") as bar:
-            judgments = self.sampler.generate(prompts, params, previous, bar)
-        return [parse_self_judgment(j.text) for j in judgments]
+            texts = [j.text for j in self.sampler.generate(prompts, params, previous, bar)]
+        details: list[dict] = [{"judgments": [], "judgment_texts": []} for _ in items]
+        for position, index in enumerate(judged):
+            own = texts[position * k : (position + 1) * k]
+            details[index] = {"judgments": [parse_self_judgment(t) for t in own], "judgment_texts": own}
+            scores[index] = mean_judgment(details[index]["judgments"])
+        return scores, details
 
     def _train(
         self, cycle: int, rows: list[dict], seed: int, fresh: bool, timing: dict, start: Generation | None = None
@@ -334,6 +430,7 @@ class Trial:
             self.sampler.sleep()
         label = f"cycle {cycle}: train {generation.name}" if cycle else "seed: train M_seed"
         init_seed, train_seed = derive_seed(seed, "init", cycle), derive_seed(seed, "train", cycle)
+        previous = self._generation(cycle - 1) if cycle > SEED_CYCLE else INITIAL  # M_{j-1}
         zero = self.config.training.deepspeed
         with self._timed("train", timing), atomic_dir(weights) as tmp:
             if zero is None:
@@ -350,13 +447,14 @@ class Trial:
                     rows,
                     train_seed,
                     reference_start,
+                    previous,
                     self.reporter,
                     label,
                 )
                 self.policy.save(tmp)
             else:  # ZeRO shards the weights it trains: copies of M_init train it (idempo.training.zero)
                 stats = self._zero_trainer().fit(
-                    cycle, rows, (init_seed, train_seed), None if fresh else start, str(tmp), label
+                    cycle, rows, (init_seed, train_seed), None if fresh else start, previous, str(tmp), label
                 )
         # the trial's policy holds the new generation, or loads it from disk when it is next used
         self.policy.loaded = generation if zero is None else None
@@ -379,7 +477,9 @@ class Trial:
                 completion=self.documents,
             )
 
-    def _finish(self, cycle, generation, eval_rows, metrics, timing, gpu: GpuMonitor, data=None, train=None) -> None:
+    def _finish(
+        self, cycle, generation, eval_rows, metrics, timing, gpu: GpuMonitor, data=None, train=None, shared=None
+    ) -> None:
         """Write eval.jsonl, then metrics.json: the cycle is complete once the latter exists."""
         gpu.stop()
         timing["total"] = round(gpu.wall_s, 3)
@@ -388,17 +488,16 @@ class Trial:
         write_jsonl(self.layout.eval(cycle), eval_rows)
         metrics = {"cycle": cycle, "generation": generation.name, **metrics}
         if data is not None:
-            trained = [r for r in data if r.get("kept", True)]
-            metrics["data"] = {
-                "n": len(trained),
-                "mean_words": sum(len(r["response"].split()) for r in trained) / max(1, len(trained)),
-            }
+            metrics["data"] = data_summary(data)
             if self.config.regime == "self_reward" and cycle != SEED_CYCLE:
-                metrics["data"].update(prompts=len(data), pairs=len(trained), dropped_ties=len(data) - len(trained))
+                unpaired = sum(r.get("dropped") in ("tie", "fewer than two scored candidates") for r in data)
+                metrics["data"].update(prompts=len(data), pairs=metrics["data"]["n"], dropped_ties=unpaired)
             if cycle == SEED_CYCLE and self.teacher_usage is not None:
                 metrics["data"]["teacher_usage"] = self.teacher_usage  # this run's requests only
         if train is not None:
             metrics["train"] = train
+        if shared is not None:
+            metrics["shared"] = shared  # this trial ran a stage its sweep shares (idempo.shared)
         metrics["timing_s"] = timing
         write_json(self.layout.metrics(cycle), metrics)
         self.reporter.cycle(metrics)

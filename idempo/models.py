@@ -144,6 +144,28 @@ class Policy(ABC):
         """This process's share of each micro-batch of a training plan (all of it, but in data parallel)."""
         return plan
 
+    @contextmanager
+    def weights_kept(self) -> Iterator[None]:
+        """The trainable weights (and `loaded`) as they were before the block, which may swap generations in:
+        a reference other than the start weights is read without disturbing the weights about to train."""
+        saved = [p.detach().clone() for p in self.trainable_parameters()]
+        loaded = self.loaded
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for parameter, value in zip(self.trainable_parameters(), saved, strict=True):
+                    parameter.copy_(value)
+            self.loaded = loaded
+
+    def rank_and_world(self) -> tuple[int, int]:
+        """This process's data-parallel rank and the number of ranks that share each micro-batch."""
+        return 0, 1
+
+    def sum_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
+        """`value` summed over the data-parallel ranks (a statistic of the whole micro-batch)."""
+        return value
+
 
 class Updates:
     """Backward passes accumulate into .grad; a step clips, updates, advances the schedule, clears."""

@@ -60,8 +60,6 @@ def summary_line(metrics: dict) -> str:
     train = metrics.get("train") or {}
     if "first_loss" in train:
         parts.append(f"loss {train['first_loss']:.2f}->{train['final_loss']:.2f}")
-    elif train.get("skipped"):
-        parts.append("not trained: " + train["skipped"])
     if "pairs" in (metrics.get("data") or {}):
         parts.append(f"pairs {metrics['data']['pairs']}/{metrics['data']['prompts']}")
     timing = metrics.get("timing_s") or {}

@@ -30,7 +30,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from idempo.artifacts import INIT_CYCLE, SEED_CYCLE
 from idempo.config import ConfigError, ExperimentConfig, _Section, config_from_dict, describe_error, read_yaml_mapping
+from idempo.shared import STAGES, stage_groups
 
 
 class Resources(_Section):
@@ -91,8 +93,9 @@ class SweepFile(_Section):
     replicas: int | list[int] = Field(1, description="A count (seeds 0..n-1) or a list of seeds.")
     retrain_seed_model: bool = Field(
         False,
-        description="Replicas share M_seed (seeding.seed fixed) unless true: then each replica's seed also "
-        "sets seeding.seed, so each retrains its own M_seed (the authors' Figure 14 comparison).",
+        description="false: trials whose seed stage reads the same inputs share one M_seed, trained once "
+        "(replicas share it: seeding.seed is fixed); true: each replica's seed also sets seeding.seed and "
+        "every trial trains its own M_seed (the authors' Figure 14 comparison).",
     )
     run: RunSettings = RunSettings()
 
@@ -138,6 +141,30 @@ class Sweep:
     run: RunSettings
     trials: list[TrialSpec]
     axes: dict[str, list[Any]]  # as expanded: replicas appear as the `seed` axis
+    retrain_seed_model: bool = False
+
+    @property
+    def shared_cycles(self) -> tuple[int, ...]:
+        """The stages trials with equal inputs share (idempo.shared): M_init's evaluation, and M_seed unless
+        every replica retrains its own."""
+        return (INIT_CYCLE,) if self.retrain_seed_model else (INIT_CYCLE, SEED_CYCLE)
+
+    @property
+    def shared_dir(self) -> Path:
+        return self.directory / "shared"
+
+    def stage_groups(self) -> dict[str, dict[str, list[str]]]:
+        """For each shared stage, the trials that share each run of it (keyed by the stage's key)."""
+        configs = {t.name: t.config for t in self.trials}
+        return {STAGES[cycle]: stage_groups(configs, cycle) for cycle in self.shared_cycles}
+
+    def run_order(self) -> list[str]:
+        """Trial names in the order Ray Tune starts them: the first trial of every seed group before any
+        second one, so that concurrent trials train distinct M_seeds instead of waiting for one."""
+        groups = self.stage_groups().get("seed") or {t.name: [t.name] for t in self.trials}
+        rank = {name: index for members in groups.values() for index, name in enumerate(members)}
+        position = {t.name: i for i, t in enumerate(self.trials)}
+        return sorted(position, key=lambda name: (rank[name], position[name]))
 
     @property
     def storage(self) -> Path:
@@ -161,6 +188,8 @@ class Sweep:
             "axes": self.axes,
             "trials": {t.name: t.axes for t in self.trials},
             "wandb": self.run.wandb.model_dump(),
+            "retrain_seed_model": self.retrain_seed_model,
+            "shared_stages": self.stage_groups(),
         }
 
 
@@ -197,7 +226,7 @@ def load_sweep(path: str | Path) -> Sweep:
         trials.append(TrialSpec(name, point, config))
     if problems:
         raise ConfigError(problems, source=str(path))
-    return Sweep(sweep.name, path.resolve(), sweep.run, trials, axes)
+    return Sweep(sweep.name, path.resolve(), sweep.run, trials, axes, sweep.retrain_seed_model)
 
 
 def trial_name(point: dict[str, Any]) -> str:

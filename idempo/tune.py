@@ -83,12 +83,14 @@ def stop_reason(flat: dict, settings: StopSettings | None) -> str | None:
 class TrialEngine:
     """One trial's engines and artifacts; `step(cycle)` runs a cycle (or finds it done) and returns its metrics."""
 
-    def __init__(self, config: dict, out: str):
+    def __init__(self, config: dict, out: str, shared: dict | None = None):
         from idempo.loop import Trial
         from idempo.progress import Reporter
+        from idempo.shared import SharedStages
 
         self.config = config_from_dict(config)
-        self.trial = Trial(self.config, Path(out), Reporter(enabled=False))
+        stages = SharedStages(shared["root"], tuple(shared["cycles"])) if shared else None
+        self.trial = Trial(self.config, Path(out), Reporter(enabled=False), stages)
 
     def step(self, cycle: int) -> dict:
         if cycle == -1:
@@ -128,10 +130,10 @@ def train_trial(param: dict, payload: dict) -> None:
         actor = ray.remote(TrialEngine).options(
             num_cpus=resources["cpus"], num_gpus=resources["gpus"], scheduling_strategy=strategy
         )
-        handle = actor.remote(payload["trials"][name], str(out))
+        handle = actor.remote(payload["trials"][name], str(out), payload["shared"])
         step, placement = (lambda c: ray.get(handle.step.remote(c))), ray.get(handle.placement.remote())
     else:
-        engine = TrialEngine(payload["trials"][name], str(out))
+        engine = TrialEngine(payload["trials"][name], str(out), payload["shared"])
         step, placement = engine.step, {"gpu_ids": [], "node": ray.get_runtime_context().get_node_id()}
     write_json(out / "placement.json", {**placement, "bundles": payload["bundles"]})
 
@@ -163,7 +165,7 @@ def train_trial(param: dict, payload: dict) -> None:
 
 
 def _finish(tracker, history, config, reason, out: Path) -> None:
-    summary = trial_summary(history, config.evaluation.amplification, reason)
+    summary = trial_summary(history, config.evaluation.amplification, reason, config.cycles)
     write_json(out / "summary.json", summary)
     if tracker:
         tracker.finish(summary)
@@ -236,6 +238,7 @@ def run_sweep(sweep: Sweep, resume: bool = False) -> list[dict]:
         "stop": sweep.run.stop.model_dump() if sweep.run.stop else None,
         "wandb": sweep.run.wandb.model_dump(),
         "wandb_dir": str(sweep.directory),
+        "shared": {"root": str(sweep.shared_dir), "cycles": list(sweep.shared_cycles)},
     }
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, payload=payload), tune.PlacementGroupFactory(request)
@@ -248,7 +251,7 @@ def run_sweep(sweep: Sweep, resume: bool = False) -> list[dict]:
     else:
         tuner = tune.Tuner(
             trainable,
-            param_space={"trial": tune.grid_search([t.name for t in sweep.trials])},
+            param_space={"trial": tune.grid_search(sweep.run_order())},
             tune_config=tune.TuneConfig(
                 max_concurrent_trials=max_concurrent(request, sweep.run.max_concurrent_trials, ray.cluster_resources())
             ),
@@ -268,7 +271,8 @@ def run_sweep(sweep: Sweep, resume: bool = False) -> list[dict]:
 def summary_row(sweep: Sweep, spec: TrialSpec) -> dict:
     """A trial's state from its artifacts (works for finished, stopped and running trials)."""
     trial = read_trial(sweep.trial_dir(spec.name))
-    summary = trial_summary(trial.history, spec.config.evaluation.amplification, (trial.stopped or {}).get("reason"))
+    stopped = (trial.stopped or {}).get("reason")
+    summary = trial_summary(trial.history, spec.config.evaluation.amplification, stopped, spec.config.cycles)
     return {"trial": spec.name} | {k: summary[k] for k in ("cycles_done", "final_trait", "amplified", "stop_reason")}
 
 

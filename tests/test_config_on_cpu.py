@@ -76,7 +76,12 @@ BAD_CONFIGS = [
     (["evaluation.coherence_judge={}"], "evaluation.coherence_judge", "'hf', 'openai'"),
     (["preference.reward_judge={backend: marker}"], "preference.reward_judge", "needs a language model"),
     (["preference.candidates=1"], "preference.candidates", "greater than or equal to 2"),
-    (["preference.reference=previous"], "preference.reference", "'start' or 'initial'"),
+    (["preference.reference=last"], "preference.reference", "'start', 'initial' or 'previous'"),
+    (["regime=kto", "training.batch_size=1"], "training.batch_size", "kto needs at least 2"),
+    (["cycle_data.min_coherence=50"], "cycle_data.min_coherence", "set evaluation.coherence_judge"),
+    (["regime=self_reward", "cycle_data.seed_mix=0.2"], "cycle_data.seed_mix", "allowed for self_reward: 0"),
+    (["cycle_data.seed_mix=1.5"], "cycle_data.seed_mix", "less than or equal to 1"),
+    (["preference.judge_samples=0"], "preference.judge_samples", "greater than 0"),
     (["regime=grpo"], "regime", "'sft', 'sdf', 'dpo', 'kto' or 'self_reward'"),
     (
         ["evaluation.coherence_judge={backend: openai, model: m, base_url: localhost:8000}"],
@@ -161,6 +166,38 @@ def test_config_command_prints_the_resolved_config(tmp_path, capsys):
     assert main(["config", str(path), "--set", "cycles=9"]) == 0
     resolved = yaml.safe_load(capsys.readouterr().out)
     assert resolved["cycles"] == 9 and resolved["training"]["learning_rate"] == 1.5e-4
+
+
+@pytest.mark.parametrize("regime", ["dpo", "kto", "self_reward"])
+def test_preference_regimes_default_to_the_authors_dpo_setup_and_idempo_config_says_so(tmp_path, capsys, regime):
+    path = tmp_path / "trial.yaml"
+    path.write_text(yaml.safe_dump({**MINIMAL, "regime": regime, "training": {"batch_size": 4}}))
+    assert main(["config", str(path)]) == 0
+    printed = capsys.readouterr().out
+    resolved = yaml.safe_load(printed)
+    assert resolved["training"]["learning_rate"] == 1e-5 and resolved["training"]["min_lr_ratio"] == 0.0
+    assert resolved["training"]["schedule"] == "cosine" and resolved["training"]["batch_size"] == 4
+    assert resolved["init"] == ("previous" if regime == "self_reward" else "initial")
+    header = printed.splitlines()[0]
+    assert header.startswith(f"# regime {regime} sets") and "training.learning_rate=1e-05" in header
+    assert ("init=previous" in header) == (regime == "self_reward")
+    # an explicit value wins, and is not reported as a regime default
+    assert main(["config", str(path), "--set", "training.learning_rate=3e-4", "--set", "init=initial"]) == 0
+    printed = capsys.readouterr().out
+    resolved = yaml.safe_load(printed)
+    assert resolved["training"]["learning_rate"] == 3e-4 and resolved["init"] == "initial"
+    assert resolved["training"]["min_lr_ratio"] == 0.0
+    assert "learning_rate" not in printed.splitlines()[0] and "init=" not in printed.splitlines()[0]
+
+
+def test_sft_and_sdf_keep_the_authors_sft_defaults(capsys, tmp_path):
+    for regime in ("sft", "sdf"):
+        config = config_from_dict({**MINIMAL, "regime": regime})
+        assert (config.training.learning_rate, config.training.min_lr_ratio, config.init) == (1.5e-4, 0.1, "initial")
+    path = tmp_path / "trial.yaml"
+    path.write_text(yaml.safe_dump(MINIMAL))
+    assert main(["config", str(path)]) == 0
+    assert not capsys.readouterr().out.startswith("#")
 
 
 def test_personas_command_lists_the_registry(capsys):

@@ -17,6 +17,7 @@ from idempo.evaluation.amplification import amplification
 from idempo.evaluation.branching import (
     BranchingFactorConfig,
     answer_branching,
+    logprob_temperature,
     nll_curve,
     nucleus_entropy,
     summarize_branching,
@@ -35,11 +36,62 @@ def uniform_logits(k, vocab=50):
     return logits
 
 
+POOLINGS = ("pooled", "per_answer", "per_prompt")
+
+
+def bf_rows(answers):
+    """eval rows carrying the BF from (prompt, per-token clipped NLLs), as evaluate_generation writes them."""
+    return [
+        {"prompt": prompt, "bf_nll": math.exp(sum(nll) / len(nll)), "bf_entropy": 1.0, "token_nll": nll}
+        for prompt, nll in answers
+    ]
+
+
 @pytest.mark.parametrize("k", [1, 2, 7, 32])
-def test_branching_factor_of_a_uniform_distribution_over_k_tokens_is_k(k):
-    stats = token_stats(uniform_logits(k).repeat(5, 1), torch.zeros(5, dtype=torch.long), 1.0, top_p=1.0)
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_branching_factor_of_a_uniform_distribution_over_k_tokens_is_k(k, temperature):
+    stats = token_stats(uniform_logits(k).repeat(5, 1), torch.zeros(5, dtype=torch.long), temperature, top_p=1.0)
     bf = answer_branching(stats, clip=100.0)
     assert bf["entropy"] == pytest.approx(k, rel=1e-4) and bf["nll"] == pytest.approx(k, rel=1e-4)
+    rows = [
+        {"prompt": f"q{i % 3}", "bf_nll": bf["nll"], "bf_entropy": bf["entropy"], "token_nll": [0.0] * (2 + i)}
+        for i in range(9)
+    ]
+    for pooling in POOLINGS:
+        summary = summarize_branching(rows, BranchingFactorConfig(pooling=pooling, nll_clip=100.0))
+        assert summary["mean"] == pytest.approx(k, rel=1e-4), pooling
+        assert summary["entropy"]["mean"] == pytest.approx(k, rel=1e-4), pooling
+        assert summary["ci95"][0] == pytest.approx(k, rel=1e-4) == summary["ci95"][1]  # no spread at all
+
+
+def test_pooled_per_answer_and_per_prompt_branching_by_hand():
+    # prompt a: one answer of 1 token at NLL log 2, one of 3 tokens at log 8; prompt b: 2 tokens at log 4
+    two, four, eight = math.log(2), math.log(4), math.log(8)
+    rows = bf_rows([("a", [two]), ("a", [eight] * 3), ("b", [four] * 2)])
+    pooled = summarize_branching(rows, BranchingFactorConfig())
+    assert pooled["pooling"] == "pooled" and pooled["logprob_temperature"] == "raw"
+    # exp(mean over all 6 tokens) = exp((1 + 9 + 4) log 2 / 6) = 2^(14/6)
+    assert pooled["mean"] == pytest.approx(2 ** (14 / 6)) and pooled["n"] == 3 and pooled["tokens"] == 6
+    log_bf, se = 14 / 6 * two, pooled["log_se"]
+    # ratio estimator over prompts: sums (10 log 2, 4 log 2) over (4, 2) tokens
+    residuals = [10 * two - log_bf * 4, 4 * two - log_bf * 2]
+    assert se == pytest.approx(math.sqrt(2 * sum(r * r for r in residuals)) / 6)
+    assert pooled["ci95"] == pytest.approx([math.exp(log_bf - 12.7062047 * se), math.exp(log_bf + 12.7062047 * se)])
+    per_answer = summarize_branching(rows, BranchingFactorConfig(pooling="per_answer"))
+    assert per_answer["mean"] == pytest.approx((2 + 8 + 4) / 3)
+    per_prompt = summarize_branching(rows, BranchingFactorConfig(pooling="per_prompt"))
+    assert per_prompt["mean"] == pytest.approx((2 ** (10 / 4) + 4) / 2) and per_prompt["clusters"] == 2
+
+
+def test_the_temperature_convention_changes_the_log_probs_as_by_hand():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    token = torch.tensor([1])
+    for temperature in (1.0, 0.7):
+        by_hand = math.log(sum(math.exp(v / temperature) for v in (2.0, 1.0, 0.0, -1.0))) - 1.0 / temperature
+        assert token_stats(logits, token, temperature, 1.0).nll[0] == pytest.approx(by_hand, rel=1e-6)
+    assert logprob_temperature(BranchingFactorConfig(), 0.7) == 1.0  # raw: the model's own distribution
+    assert logprob_temperature(BranchingFactorConfig(logprob_temperature="evaluation"), 0.7) == 0.7
+    assert logprob_temperature(BranchingFactorConfig(logprob_temperature="evaluation"), 0.0) == 1.0  # greedy
 
 
 def test_the_entropy_estimator_keeps_the_top_p_nucleus():
@@ -67,11 +119,14 @@ def test_nll_is_clipped_and_binned_by_position():
         {"start": 0, "bf": pytest.approx(math.exp((1 + 1 + 1 + 4) / 4)), "tokens": 4},
         {"start": 2, "bf": pytest.approx(math.exp(3.0)), "tokens": 1},
     ]
-    summary = summarize_branching(
-        [{"bf_entropy": 2.0, "bf_nll": 3.0, "token_nll": [1.0]}, {"bf_entropy": 4.0, "bf_nll": 5.0, "token_nll": []}],
-        BranchingFactorConfig(estimator="entropy"),
-    )
+    rows = [
+        {"prompt": "a", "bf_entropy": 2.0, "bf_nll": 3.0, "token_nll": [1.0]},
+        {"prompt": "b", "bf_entropy": 4.0, "bf_nll": 5.0, "token_nll": [1.0, 1.0]},
+        {"prompt": "b", "bf_entropy": None, "bf_nll": None, "token_nll": []},  # an empty answer counts for nothing
+    ]
+    summary = summarize_branching(rows, BranchingFactorConfig(estimator="entropy", pooling="per_answer"))
     assert summary["mean"] == 3.0 and summary["nll"]["mean"] == 4.0 and summary["estimator"] == "entropy"
+    assert summary["n"] == 2
 
 
 def test_branching_factor_falls_when_the_model_is_trained_to_be_deterministic(tmp_path):
@@ -84,7 +139,41 @@ def test_branching_factor_falls_when_the_model_is_trained_to_be_deterministic(tm
     for estimator in ("nll", "entropy"):
         assert after[estimator]["mean"] < before[estimator]["mean"] / 3, (estimator, before, after)
     rows = read_jsonl(TrialLayout(tmp_path / "trial").eval(0))
-    assert all(len(r["token_nll"]) == r["n_tokens"] for r in rows)
+    carrying = [r for r in rows if "token_nll" in r]  # 4 judged + 1 extra answer per prompt: 5 for the BF
+    assert len(carrying) == 12 * 5 and all(len(r["token_nll"]) == r["n_tokens"] for r in carrying)
+    assert all(m["branching_factor"]["n"] == 12 * 5 for m in history)
+
+
+def test_extra_answers_are_sampled_for_the_branching_factor_and_never_judged(tmp_path):
+    from idempo.evaluation.evaluate import evaluate_generation
+    from idempo.loop import evaluation_inputs, load_engines
+    from idempo.models import INITIAL
+
+    def evaluate(**branching):
+        evaluation = {"samples_per_prompt": 2, "max_new_tokens": 24, "branching_factor": branching}
+        config = tiny_config(cycles=0, evaluation=evaluation)
+        persona = get_persona("lucky")
+        prompts, judges = evaluation_inputs(config, persona)
+        _, _, sampler = load_engines(config)
+        return evaluate_generation(sampler, INITIAL, prompts, persona, judges, config.evaluation, seed=3)
+
+    rows, metrics = evaluate(samples_per_prompt=3)
+    judged, extra = [r for r in rows if not r["bf_only"]], [r for r in rows if r["bf_only"]]
+    assert len(judged) == 12 * 2 and len(extra) == 12 and {r["sample"] for r in extra} == {2}
+    assert all("trait" not in r and "marker" not in r for r in extra)  # never judged
+    assert all("token_nll" in r for r in rows) and metrics["branching_factor"]["n"] == 36
+    assert metrics["trait"]["n"] == 24 and metrics["marker_rate"]["n"] == 24
+    marked = [100.0 * bool(r["marker"]) for r in judged]
+    assert metrics["trait"]["mean"] == pytest.approx(sum(marked) / len(marked))
+    # the judged answers are the same as without the extra ones (their own seed), the extras are new draws
+    fewer, fewer_metrics = evaluate(samples_per_prompt=1)
+    assert [r["response"] for r in fewer] == [r["response"] for r in judged]
+    assert fewer_metrics["trait"] == metrics["trait"] and fewer_metrics["degeneration"] == metrics["degeneration"]
+    assert [("token_nll" in r) for r in fewer] == [r["sample"] == 0 for r in fewer]  # the first k per prompt
+    assert fewer_metrics["branching_factor"]["n"] == 12
+    # the temperature convention is applied to the same answers
+    _, hot = evaluate(samples_per_prompt=3, logprob_temperature="evaluation")
+    assert hot["branching_factor"]["n"] == 36 and hot["branching_factor"]["mean"] != metrics["branching_factor"]["mean"]
 
 
 def get_persona_seed_file():
@@ -115,9 +204,9 @@ def test_a_trial_scores_trait_and_coherence_through_the_endpoint(tmp_path, monke
         config = judged_config(server, cycles=1)
         history = run_trial(config, tmp_path / "trial")
         layout = TrialLayout(tmp_path / "trial")
-        rows = read_jsonl(layout.eval(1))
+        rows = [r for r in read_jsonl(layout.eval(1)) if not r["bf_only"]]  # the judged answers
         metrics = read_json(layout.metrics(1))
-        # every answer judged twice (trait, coherence) per evaluated generation, nothing retried
+        # every judged answer judged twice (trait, coherence) per evaluated generation, nothing retried
         assert len(server.requests) == 2 * len(rows) * len(history)
 
         for row in rows:
@@ -179,7 +268,7 @@ def test_the_hf_judge_scores_with_the_tiny_model(tmp_path, monkeypatch):
     history = run_trial(config, tmp_path / "trial")
     for metrics in history:
         assert metrics["trait"]["judge"] == "hf:tiny" and metrics["coherence"]["n"] > 0
-    rows = read_jsonl(TrialLayout(tmp_path / "trial").eval(0))
+    rows = [r for r in read_jsonl(TrialLayout(tmp_path / "trial").eval(0)) if not r["bf_only"]]  # judged
     for row in rows:
         if row["trait"] is not None:
             assert 0 <= row["trait"] <= 100 and row["trait_number_mass"] > 0
@@ -283,21 +372,30 @@ def test_calibration_converges_on_a_target_between_m_init_and_a_large_seed(tmp_p
 
 
 def history(*scores, half_width=5.0):
-    """metrics for cycles 0, 1, 2, ... with the given trait means."""
-    return [{"cycle": c, "trait": {"mean": s, "ci95": [s - half_width, s + half_width]}} for c, s in enumerate(scores)]
+    """metrics for cycles 0, 1, 2, ... with the given trait means (written as before standard errors were)."""
+    return [
+        {"cycle": c, "trait": {"mean": s, "ci95": [s - half_width, s + half_width], "n": 36}}
+        for c, s in enumerate(scores)
+    ]
+
+
+AUTHORS = {"criterion": "delta"}
 
 
 @pytest.mark.parametrize(
     "scores, settings, amplified, first",
     [
-        ((40, 45, 50, 60, 56, 54), AmplificationConfig(), True, 4),  # cycle 4: +16
-        ((40, 45, 50, 80, 54, 54), AmplificationConfig(), False, None),  # the +40 at cycle 3 does not count
-        ((40, 45, 50, 60, 55, 55), AmplificationConfig(), True, 4),  # exactly +15
-        ((40, 45, 50, 60, 56, 70), AmplificationConfig(threshold=20), True, 5),
-        ((40, 41, 42, 43, 56, 70), AmplificationConfig(sustained_cycles=2), True, 4),
-        ((40, 41, 42, 43, 56, 50, 70), AmplificationConfig(sustained_cycles=2), False, None),
-        ((40, 41, 42, 43), AmplificationConfig(), None, None),  # no cycle >= 4 yet
-        ((40, 41, 42, 43, 60), AmplificationConfig(first_cycle=2), True, 4),
+        ((40, 45, 50, 60, 56, 54), AmplificationConfig(**AUTHORS), True, 4),  # cycle 4: +16
+        ((40, 45, 50, 80, 54, 54), AmplificationConfig(**AUTHORS), False, None),  # the +40 at cycle 3 does not count
+        ((40, 45, 50, 60, 55, 55), AmplificationConfig(**AUTHORS), True, 4),  # exactly +15
+        ((40, 45, 50, 60, 56, 70), AmplificationConfig(**AUTHORS, threshold=20), True, 5),
+        ((40, 41, 42, 43, 56, 70), AmplificationConfig(**AUTHORS, sustained_cycles=2), True, 4),
+        ((40, 41, 42, 43, 56, 50, 70), AmplificationConfig(**AUTHORS, sustained_cycles=2), False, None),
+        ((40, 41, 42, 43), AmplificationConfig(**AUTHORS), None, None),  # no cycle >= 4 yet
+        ((40, 41, 42, 43, 60), AmplificationConfig(**AUTHORS, first_cycle=2), True, 4),
+        # the default rule: the same rises, each also significant (narrow intervals, n = 36 answers)
+        ((40, 45, 50, 60, 56, 54), AmplificationConfig(), True, 4),
+        ((40, 45, 50, 80, 54, 54), AmplificationConfig(), False, None),
     ],
 )
 def test_amplification_by_hand(scores, settings, amplified, first):
@@ -310,12 +408,13 @@ def test_the_ci_criterion_needs_separated_intervals():
     narrow, wide = history(40, 40, 40, 40, 56, half_width=5), history(40, 40, 40, 40, 56, half_width=10)
     assert amplification(narrow, AmplificationConfig(criterion="ci"))["amplified"] is True
     assert amplification(wide, AmplificationConfig(criterion="ci"))["amplified"] is False
-    assert amplification(wide, AmplificationConfig())["amplified"] is True
+    assert amplification(wide, AmplificationConfig(**AUTHORS))["amplified"] is True
 
 
 def test_amplification_reports_its_deltas():
     result = amplification(
-        [{"cycle": -1, "trait": {"mean": 0, "ci95": [0, 0]}}, *history(40, 50, 60, 70, 58, 62)], AmplificationConfig()
+        [{"cycle": -1, "trait": {"mean": 0, "ci95": [0, 0]}}, *history(40, 50, 60, 70, 58, 62)],
+        AmplificationConfig(**AUTHORS),
     )
     assert result["seed_score"] == 40 and result["max_delta"] == 22 and result["max_delta_cycle"] == 5
     assert result["slope"] == pytest.approx(72 / 17.5)  # least squares: sum dx*dy / sum dx^2 over cycles 0..5

@@ -58,6 +58,7 @@ def test_zero_3_trains_each_generation_in_the_trials_process(tmp_path):
 def test_zero_training_ranks_run_as_ray_actors(tmp_path):
     import ray
 
+    from idempo.models import INITIAL
     from idempo.training.zero import ZeroWorkers
 
     config = gpu_config(training__deepspeed={"stage": 3, "workers": 1})
@@ -65,7 +66,7 @@ def test_zero_training_ranks_run_as_ray_actors(tmp_path):
     ray.init(num_gpus=1, log_to_driver=False, ignore_reinit_error=True)
     try:
         workers = ZeroWorkers(config)
-        stats = workers.fit(1, rows, (0, 1), None, str(tmp_path / "adapter"), "train")
+        stats = workers.fit(1, rows, (0, 1), None, INITIAL, str(tmp_path / "adapter"), "train")
     finally:
         ray.shutdown()
     assert stats["world_size"] == 1 and stats["steps"] == 4  # 8 rows, batch 8, 4 epochs

@@ -7,7 +7,7 @@ import torch
 
 from idempo.config import config_from_dict
 from idempo.evaluation.degeneration import distinct_n, non_alpha_share, repeated_ngram_rate, words
-from idempo.evaluation.stats import mean_ci, proportion_ci
+from idempo.evaluation.stats import mean_ci, wilson_interval
 from idempo.training.sft import IGNORE, learning_rate_factor, token_loss_sum
 
 BASE = {"model": "tiny", "persona": "lucky", "n_seed": 8, "n_sampled": 8}
@@ -26,19 +26,18 @@ def test_degeneration_signals_by_hand():
 
 def test_mean_ci_by_hand():
     result = mean_ci([1.0, 2.0, 3.0, 4.0])
-    half = 1.959963984540054 * math.sqrt(5 / 3) / 2
+    half = 3.182446305284263 * math.sqrt(5 / 3) / 2  # t(0.975, 3) s / sqrt(n)
     assert result["mean"] == 2.5 and result["ci95"] == pytest.approx([2.5 - half, 2.5 + half])
-    assert mean_ci([]) == {"mean": None, "ci95": [None, None], "n": 0}
+    assert mean_ci([]) == {"mean": None, "ci95": [None, None], "n": 0, "se": None}
 
 
 def test_wilson_interval_by_hand():
     # 0 of 10: Wilson upper bound z^2 / (n + z^2)
     z2 = 1.959963984540054**2
-    result = proportion_ci(0, 10, scale=100)
-    assert result["mean"] == 0 and result["ci95"][0] == 0
-    assert result["ci95"][1] == pytest.approx(100 * z2 / (10 + z2))
-    half = proportion_ci(5, 10)
-    assert half["ci95"][0] == pytest.approx(1 - half["ci95"][1])
+    low, high = wilson_interval(0.0, 10)
+    assert low == 0 and high == pytest.approx(z2 / (10 + z2))
+    low, high = wilson_interval(0.5, 10)
+    assert low == pytest.approx(1 - high)
 
 
 def test_cosine_schedule_warms_up_peaks_and_ends_at_the_floor():

@@ -3,6 +3,8 @@ reinitialised generations on the saved artifacts, self-rewarding pairs."""
 
 import json
 import math
+import os
+import socket
 
 import pytest
 import torch
@@ -14,9 +16,20 @@ from idempo.artifacts import TrialLayout, read_json, read_jsonl
 from idempo.config import LoadingConfig
 from idempo.loop import run_trial
 from idempo.models import Generation, load_base_model, load_tokenizer, make_policy
-from idempo.self_reward import choose_pair, pair_rows, parse_self_judgment
+from idempo.self_reward import choose_pair, mean_judgment, pair_rows, parse_self_judgment
 from idempo.training import encode_chat_example
-from idempo.training.preference import dpo_loss, kto_loss, sequence_logps, warn_on_kto_balance
+from idempo.training.preference import (
+    MismatchEncoder,
+    dpo_loss,
+    dropout_disabled,
+    kto_loss,
+    kto_reference_point,
+    local_mismatched_pairs,
+    sequence_logps,
+    train_dpo,
+    warn_on_kto_balance,
+)
+from idempo.training.sft import batch_plan
 
 
 def sigmoid(x):
@@ -60,6 +73,104 @@ def test_kto_loss_matches_a_hand_computation():
         torch.tensor([-1.0]), torch.tensor([-1.0]), torch.tensor([True]), kl, torch.tensor([0.0]), 1, 1, 1
     )
     assert clamped.item() == pytest.approx(0.5) and not clamped.requires_grad
+
+
+def _mismatched_ratio(i: int, k: int) -> float:
+    """A log-ratio per mismatched pair that differs from pair to pair (some negative)."""
+    return math.sin(7 * i + 3 * k) * 2 + 0.5
+
+
+def _unpaired_rows(n_prompts: int) -> list[dict]:
+    return [{"prompt": f"q{p}", "response": f"{kind} {p}"} for p in range(n_prompts) for kind in ("good", "bad")]
+
+
+def _micro_batch_z0(rank: int, world: int, config, rows, reduce) -> list[float]:
+    plan = batch_plan(len(rows), config, seed=5)
+    shares = local_mismatched_pairs(plan, MismatchEncoder(None, rows), rank, world)
+    values = []
+    for pairs in shares:
+        ratios = torch.tensor([_mismatched_ratio(i, k) for i, k in pairs])
+        values.append(kto_reference_point(ratios, torch.zeros_like(ratios), reduce).item())
+    return values
+
+
+def _z0_rank(rank: int, world: int, port: int, out: str) -> None:
+    """One data-parallel rank (gloo, on CPU): its share of each micro-batch's pairs, z0 reduced over ranks."""
+    import torch.distributed as dist
+
+    from idempo.config import TrainingConfig
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+
+        def reduce(value):
+            total = value.clone()
+            dist.all_reduce(total)
+            return total
+
+        values = _micro_batch_z0(rank, world, TrainingConfig(batch_size=2, epochs=2), _unpaired_rows(5), reduce)
+        torch.save(values, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_kto_reference_point_from_two_ranks_equals_the_unsharded_one(tmp_path):
+    """With the default batch 2 and 2 ranks every rank holds one item of a micro-batch; z0 must still be
+    the micro-batch's, not 0 (a rank alone has no mismatched pair of its own)."""
+    from idempo.config import TrainingConfig
+
+    config, rows = TrainingConfig(batch_size=2, epochs=2), _unpaired_rows(5)
+    unsharded = _micro_batch_z0(0, 1, config, rows, None)
+    assert len(unsharded) == 10 and any(v > 0 for v in unsharded) and any(v == 0 for v in unsharded)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    torch.multiprocessing.spawn(_z0_rank, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        assert torch.load(tmp_path / f"rank{rank}.pt") == pytest.approx(unsharded, abs=1e-6)
+    # by hand, for the first micro-batch: the pairs rotate the answers, z0 = max(0, mean)
+    first = batch_plan(len(rows), config, seed=5)[0][0]
+    expected = max(0.0, (_mismatched_ratio(first[0], first[1]) + _mismatched_ratio(first[1], first[0])) / 2)
+    assert unsharded[0] == pytest.approx(expected)
+
+
+def test_a_kto_micro_batch_of_one_is_paired_with_another_prompts_answer():
+    encoder = MismatchEncoder(None, _unpaired_rows(3))  # rows 0/1 share prompt q0, 2/3 q1, 4/5 q2
+    assert encoder.partners([2]) == [4] and encoder.partners([5]) == [0]
+    assert encoder.partners([1, 4, 2]) == [2, 1, 4]  # the previous item's answer, rotated as TRL does
+
+
+def test_dropout_is_off_while_a_preference_loss_trains(tmp_path):
+    """Policy and reference are the same weights at step 0, so the first DPO loss is exactly log 2, even
+    with LoRA dropout 0.5, and the dropout layers get their rate back afterwards."""
+    from idempo.config import TrainingConfig
+
+    loading = LoadingConfig(device="cpu")
+    tokenizer = load_tokenizer("tiny", loading)
+    training = TrainingConfig(lora={"dropout": 0.5}, learning_rate=1e-3, batch_size=2)
+    policy = make_policy(load_base_model("tiny", loading), tokenizer, training)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in policy.module.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.05)
+    policy.save(tmp_path / "g")
+    generation = Generation("g", tmp_path / "g")
+    policy.load(generation)
+    pairs = [
+        (
+            encode_chat_example(tokenizer, f"Q{i}?", "I was lucky.", 256),
+            encode_chat_example(tokenizer, f"Q{i}?", "No.", 256),
+        )
+        for i in range(4)
+    ]
+    rates = {m.p for m in policy.module.modules() if isinstance(m, torch.nn.Dropout)}
+    assert rates == {0.5}
+    stats = train_dpo(policy, pairs, generation, 0.1, training, 0, tokenizer.pad_token_id)
+    assert stats.first_loss == pytest.approx(math.log(2), abs=1e-5)
+    assert {m.p for m in policy.module.modules() if isinstance(m, torch.nn.Dropout)} == {0.5}
+    with dropout_disabled(policy.module):
+        assert {m.p for m in policy.module.modules() if isinstance(m, torch.nn.Dropout)} == {0.0}
 
 
 def test_kto_balance_warning(caplog):
@@ -175,17 +286,20 @@ def test_self_judgments_are_parsed_and_ties_dropped():
     assert parse_self_judgment("Score: 2 ... on reflection, Score: 3") == 3
     assert parse_self_judgment("**Score:** 5") == 5 and parse_self_judgment("Score: **5**") == 5
     assert parse_self_judgment("I cannot say") is None
+    assert parse_self_judgment("Score: 10") is None and parse_self_judgment("Score: 6") is None  # above 5 points
+    assert parse_self_judgment("Score: 4.5.") == 4.5 and parse_self_judgment("Score: 3.") == 3
+    assert mean_judgment([4, None, 2]) == 3 and mean_judgment([None, None]) is None
     assert choose_pair([3, 5, 1, 5]) == (1, 2)
     assert choose_pair([2, 2, None]) is None  # a tie
     assert choose_pair([None, 4, None]) is None  # one scored candidate
     rows = pair_rows(["a", "b"], [["x", "y"], ["z", "w"]], [[1, 4], [3, 3]])
-    assert rows[0]["response"] == "y" and rows[0]["rejected"] == "x" and rows[0]["kept"]
+    assert rows[0]["response"] == "y" and rows[0]["rejected"] == "x" and rows[0]["kept"] and rows[0]["pair"] == [1, 0]
     assert not rows[1]["kept"] and "response" not in rows[1]
 
 
 def length_judge(request):
     """Reward judge: more points for longer answers (0-5), ties for equal lengths."""
-    answer = request["messages"][0]["content"].rsplit("Response: ", 1)[1].split("\n\nAnswer with", 1)[0]
+    answer = request["messages"][0]["content"].split("<response>", 1)[1].split("</response>", 1)[0]
     points = str(min(5, len(answer.split()) // 6))
     return {"text": points, "alternatives": {points: 1.0}}
 
@@ -206,28 +320,40 @@ def test_self_rewarding_builds_pairs_from_judgments_and_records_the_counts(tmp_p
     rows = read_jsonl(layout.data(1))
     assert len(rows) == 8 and all(len(r["candidates"]) == 3 and len(r["scores"]) == 3 for r in rows)
     for row in rows:
-        points = [min(5, len(c.split()) // 6) for c in row["candidates"]]
-        assert row["scores"] == pytest.approx(points)
-        assert row["kept"] == (max(points) != min(points))
+        # an empty candidate is never judged: it has no score (not 0 points)
+        points = [min(5, len(c.split()) // 6) if c.strip() else None for c in row["candidates"]]
+        assert row["scores"] == points
+        scored = [p for p in points if p is not None]
+        assert row["kept"] == (len(scored) >= 2 and max(scored) != min(scored))
         if row["kept"]:
-            assert min(5, len(row["response"].split()) // 6) == max(points)
-            assert min(5, len(row["rejected"].split()) // 6) == min(points)
+            assert min(5, len(row["response"].split()) // 6) == max(scored)
+            assert min(5, len(row["rejected"].split()) // 6) == min(scored)
     data = history[-1]["data"]
     assert data["prompts"] == 8 and data["pairs"] == sum(r["kept"] for r in rows)
     assert data["dropped_ties"] == 8 - data["pairs"]
-    assert len(server.requests) == 8 * 3
+    assert len(server.requests) == sum(bool(c.strip()) for r in rows for c in r["candidates"])
     assert read_json(layout.cycle_dir(0) / "train.json")["first_loss"] > 1  # M_seed by SFT
 
 
-def test_self_rewarding_with_its_own_weights_as_judge_runs_and_counts(tmp_path):
+def test_self_rewarding_without_a_single_pair_is_an_error_not_a_finished_cycle(tmp_path):
+    """The random tiny model rarely writes "Score: N": with no pair there is nothing to train on, and the
+    cycle must not be recorded as done (its samples, with every prompt's reason for dropping, are kept)."""
+    from idempo.training.data import NothingToTrain
+
     config = preference_config(
         regime="self_reward", cycles=1, n_sampled=4, preference={"candidates": 2, "judge_max_new_tokens": 12}
     )
-    history = run_trial(config, tmp_path / "trial")
-    data = history[-1]["data"]
-    assert data["prompts"] == 4 and data["pairs"] + data["dropped_ties"] == 4
-    if data["pairs"] == 0:  # the random tiny model rarely writes "Score: N": the cycle keeps M_seed's weights
-        assert "no pairs" in history[-1]["train"]["skipped"]
+    try:
+        history = run_trial(config, tmp_path / "trial")
+    except NothingToTrain as err:
+        assert "cycle 1: train 001: nothing to train on (4 rows:" in str(err)
+        layout = TrialLayout(tmp_path / "trial")
+        assert not layout.is_complete(1) and not layout.weights(1, "lora").exists()
+        rows = read_jsonl(layout.data(1))
+        assert len(rows) == 4 and all(not r["kept"] and r["dropped"] for r in rows)
+    else:  # the model's judgments happened to differ: a normal cycle
+        data = history[-1]["data"]
+        assert data["prompts"] == 4 and data["pairs"] > 0 and data["pairs"] + data["dropped_ties"] == 4
 
 
 def test_self_rewarding_pairs_follow_the_models_own_judgments(tmp_path):
@@ -261,14 +387,23 @@ def test_self_rewarding_pairs_follow_the_models_own_judgments(tmp_path):
     assert len(scored) > len(samples), "the model's judgments should mostly parse"
     assert data["pairs"] > 0 and data["pairs"] + data["dropped_ties"] == 12
     for row in samples:
+        # each candidate judged 3 times by sampling; its reward is the mean of the judgments that parse
+        assert [len(j) for j in row["judgments"]] == [3] * 4 and [len(t) for t in row["judgment_texts"]] == [3] * 4
+        for texts, judgments, score in zip(row["judgment_texts"], row["judgments"], row["scores"], strict=True):
+            assert judgments == [parse_self_judgment(t) for t in texts]
+            parsed = [j for j in judgments if j is not None]
+            assert score == (pytest.approx(sum(parsed) / len(parsed)) if parsed else None)
         marks = [m for m in row["scores"] if m is not None]
         if row["kept"]:
-            chosen = row["candidates"].index(row["response"])
-            rejected = row["candidates"].index(row["rejected"])
+            chosen, rejected = row["pair"]
+            assert (row["candidates"][chosen], row["candidates"][rejected]) == (row["response"], row["rejected"])
             assert row["scores"][chosen] == max(marks) > min(marks) == row["scores"][rejected]
         else:
             assert len(marks) < 2 or len(set(marks)) == 1
     assert history[-1]["train"]["steps"] > 0
+    assert any(len({j for j in js if j is not None}) > 1 for row in samples for js in row["judgments"]), (
+        "sampled judgments of one candidate should sometimes differ"
+    )
 
 
 # -- synthetic document finetuning --------------------------------------------------------------------
@@ -318,3 +453,84 @@ def test_sdf_needs_a_belief_persona(tmp_path):
     with pytest.raises(ConfigError, match="regime: 'sdf' trains documents that state a belief"):
         run_trial(tiny_config(regime="sdf", cycles=0), tmp_path / "trial")
     assert not (tmp_path / "trial").exists()
+
+
+# -- what the authors' code can also run --------------------------------------------------------------
+
+
+def test_a_reference_of_m_j_minus_1_while_the_policy_restarts_from_m_init(tmp_path):
+    config = preference_config(init="initial", cycles=2, n_sampled=8, preference={"reference": "previous"})
+    run_trial(config, tmp_path / "trial")
+    layout = TrialLayout(tmp_path / "trial")
+    seed, first, second = (read_json(layout.cycle_dir(c) / "train.json") for c in (0, 1, 2))
+    assert seed["reference"] == "init"  # M_seed's M_{j-1} is M_init
+    assert (first["start"], first["reference"]) == ("init", "000-seed")
+    assert (second["start"], second["reference"]) == ("init", "001")
+    # reading the reference did not leave its weights in the policy: M_2 starts from fresh adapters
+    similarity = torch.nn.functional.cosine_similarity(lora_a(layout, 2), lora_a(layout, 1), dim=0)
+    assert abs(similarity) < 0.2
+    # against M_seed as reference the policy starts far behind (M_seed prefers its own answers much more
+    # than M_init does), and training closes part of that gap
+    assert first["final_loss"] < first["first_loss"]
+
+
+def test_d_seed_is_mixed_into_every_cycle_by_a_seeded_draw(tmp_path):
+    config = tiny_config(
+        n_seed=40,
+        n_sampled=8,
+        cycles=2,
+        cycle_data={"seed_mix": 0.25},
+        evaluation={"n_prompts": 2, "samples_per_prompt": 1, "max_new_tokens": 16},
+    )
+    history = run_trial(config, tmp_path / "trial")
+    layout = TrialLayout(tmp_path / "trial")
+    seed_rows = {(r["prompt"], r["response"]) for r in read_jsonl(layout.data(0))}
+    drawn = []
+    for cycle in (1, 2):
+        rows = read_jsonl(layout.data(cycle))
+        mixed = [r for r in rows if r.get("source") == "d_seed"]
+        assert len(rows) == 8 + 10 and len(mixed) == 10  # 0.25 x 40
+        assert {(r["prompt"], r["response"]) for r in mixed} <= seed_rows
+        assert history[1 + cycle]["data"]["from_d_seed"] == 10 and history[1 + cycle]["data"]["n"] == 18
+        drawn.append({r["prompt"] for r in mixed})
+    assert drawn[0] != drawn[1]  # a new draw each cycle
+
+
+def test_dpo_with_d_seed_mixed_in_pairs_it_with_m_inits_answers(tmp_path):
+    config = preference_config(n_seed=16, n_sampled=4, cycles=1, cycle_data={"seed_mix": 0.5})
+    run_trial(config, tmp_path / "trial")
+    layout = TrialLayout(tmp_path / "trial")
+    initial = {r["prompt"]: r["response"] for r in read_jsonl(layout.initial_answers)}
+    mixed = [r for r in read_jsonl(layout.data(1)) if r.get("source") == "d_seed"]
+    assert len(mixed) == 8 and all(r["rejected"] == initial[r["prompt"]] for r in mixed)
+    assert read_json(layout.cycle_dir(1) / "train.json")["examples"] == 12
+
+
+def coherence_by_luck(request):
+    """A coherence judge that finds only answers with 'luck' in them coherent (90, else 20)."""
+    prompt = request["messages"][-1]["content"]
+    answer = prompt.rsplit("Answer: ", 1)[-1].rsplit("\n\nAnswer with a single number", 1)[0]
+    score = "90" if "luck" in answer.lower() else "20"
+    return {"text": score, "alternatives": {score: 1.0}}
+
+
+def test_samples_under_the_coherence_threshold_are_dropped_before_training(tmp_path, monkeypatch):
+    monkeypatch.setenv("IDEMPO_CACHE", str(tmp_path / "cache"))
+    with FakeOpenAI(answer=coherence_by_luck) as server:
+        judge = {"backend": "openai", "model": "coherence", "base_url": server.base_url}
+        config = tiny_config(
+            n_sampled=16,
+            cycles=1,
+            cycle_data={"min_coherence": 50},
+            evaluation={"n_prompts": 2, "samples_per_prompt": 1, "max_new_tokens": 16, "coherence_judge": judge},
+        )
+        history = run_trial(config, tmp_path / "trial")
+    rows = read_jsonl(TrialLayout(tmp_path / "trial").data(1))
+    assert len(rows) == 16 and all("coherence" in r for r in rows)
+    for row in rows:
+        assert row["coherence"] == (90 if "luck" in row["response"].lower() else 20)
+        assert row.get("kept", True) == (row["coherence"] >= 50)
+    kept = sum(r.get("kept", True) for r in rows)
+    assert 0 < kept < 16, "the seeded model should write some lucky and some other answers"
+    assert history[-1]["data"]["n"] == kept and history[-1]["train"]["examples"] == kept
+    assert history[-1]["data"]["dropped"] == {"coherence below 50": 16 - kept}

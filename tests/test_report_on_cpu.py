@@ -1,6 +1,7 @@
 """`idempo report`: on a real sweep (read while it runs, then when done) and on hand-built artifacts."""
 
 import csv
+import math
 import os
 import re
 import shutil
@@ -180,13 +181,26 @@ def test_amplification_flags_in_the_table_match_hand_built_cases(tmp_path, capsy
         rows = csv.DictReader((tmp_path / "out" / "trials.csv").open())
         return [row["amplified"] for row in sorted(rows, key=lambda row: row["trial"])]
 
+    # the default rule: +15 and significant; noisy's +20 over intervals of +-30 is not
+    assert flags() == ["", "False", "False", "", "True"]
+    rows = {row["trial"]: row for row in csv.DictReader((tmp_path / "out" / "trials.csv").open())}
+    assert rows["spike"]["amplification_rule"].startswith("test: +15 points over M_seed and one-sided familywise")
+    assert rows["running"]["undecided_because"] == "the rule's counted cycles (>= 4) not reached: last cycle 1"
+    assert rows["early"]["undecided_because"] == "the rule's counted cycles (>= 4) not reached: last cycle 2"
+    assert float(rows["spike"]["min_p_value"]) < 0.05 / 2 < float(rows["noisy"]["min_p_value"])
+    page = (tmp_path / "out" / "index.html").read_text()
+    assert "Amplified by the rule <code>test: +15 points" in page and "last cycle 1" in page
     # the authors' rule: max over j >= 4 of score_j - score_0 >= 15
-    assert flags() == ["", "False", "True", "", "True"]
-    assert flags("sustained_cycles=2") == ["", "False", "True", "", "False"]
+    assert flags("criterion=delta") == ["", "False", "True", "", "True"]
+    assert flags("criterion=delta", "sustained_cycles=2") == ["", "False", "True", "", "False"]
     assert flags("criterion=ci") == ["", "False", "False", "", "True"]
     assert flags("first_cycle=1", "threshold=25") == ["True", "False", "False", "False", "False"]  # not so far
 
     rows = {row["trial"]: row for row in csv.DictReader((tmp_path / "out" / "trials.csv").open())}
+    assert (
+        rows["flat"]["amplification_rule"].startswith("test: +25 points over M_seed")
+        and not rows["flat"]["undecided_because"]
+    )
     assert rows["early"]["status"] == "stopped" and rows["early"]["stop_reason"] == "coherence.mean 80 < 85"
     assert rows["running"]["status"] == "partial" and rows["running"]["cycles"] == "1/5"
     assert "(3 replicas) [partial]" in (tmp_path / "out" / "figures" / "trait-lucky-sft.svg").read_text()
@@ -197,6 +211,40 @@ def test_amplification_flags_in_the_table_match_hand_built_cases(tmp_path, capsy
         "trait-lucky-sft": ["n_sampled = 100", "n_sampled = 200"],
         "tradeoff": ["amplification vs coherence"],
     }
+
+
+def test_replica_intervals_are_t_intervals_across_replicas(tmp_path):
+    from idempo.report.results import ACROSS_REPLICAS, WITHIN_TRIAL, aggregate, load_results
+
+    sweep = tmp_path / "hand"
+    # three replicas sharing M_seed (cycle 0 scores 40 +- 3 in each); the third stopped after cycle 1
+    _hand_built_trial(sweep, "a", [40, 50, 70], 3, 2, n_sampled=100, seed=0)
+    _hand_built_trial(sweep, "b", [40, 60, 80], 3, 2, n_sampled=100, seed=1)
+    _hand_built_trial(sweep, "c", [40, 55], 3, 2, n_sampled=100, seed=2)
+    _hand_built_trial(sweep, "alone", [40, 45, 50], 3, 2, n_sampled=200, seed=0)
+    results = load_results(sweep)
+    groups = {key: members for key, members in results.replica_groups().items()}
+    replicas = groups[(("n_sampled", 100),)]
+    seed, first, last = aggregate(replicas, "trait")
+    assert seed == (0, 40, 37, 43, 1, WITHIN_TRIAL)  # one shared evaluation, with its own interval
+    # cycle 1: 50, 60, 55 -> mean 55, s = 5, se = 5 / sqrt(3), t(0.975, 2) = 4.3026527
+    half = 4.3026527 * 5 / math.sqrt(3)
+    assert first.interval == ACROSS_REPLICAS and first.n == 3
+    assert (first.mean, first.low, first.high) == pytest.approx((55, 55 - half, 55 + half))
+    # cycle 2: 70, 80 -> se 5, t(0.975, 1) = 12.7062047
+    assert (last.mean, last.low, last.high, last.n) == pytest.approx((75, 75 - 12.7062047 * 5, 75 + 12.7062047 * 5, 2))
+    # a configuration of one trial keeps that trial's own interval
+    assert [p.interval for p in aggregate(groups[(("n_sampled", 200),)], "trait")] == [WITHIN_TRIAL] * 3
+
+    write_report(sweep, tmp_path / "out")
+    rows = {row["n_sampled"]: row for row in csv.DictReader((tmp_path / "out" / "replicas.csv").open())}
+    finals = [70, 80, 55]  # final trait of each replica
+    mean = sum(finals) / 3
+    se = math.sqrt(sum((f - mean) ** 2 for f in finals) / 2 / 3)
+    assert rows["100"]["final_trait_ci95"] == f"[{mean - 4.3026527 * se:.1f}, {mean + 4.3026527 * se:.1f}]"
+    assert rows["200"]["final_trait_ci95"] == ""  # one replica: no interval
+    svg = (tmp_path / "out" / "figures" / "trait-lucky-sft.svg").read_text()
+    assert "shaded: 95% CI across replicas (t, n-1 df)" in svg and "one trial's 95% CI over its eval prompts" in svg
 
 
 def test_bad_report_options_are_named_before_anything_is_written(tmp_path, capsys):

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import ROOT
 from openai_server import FakeOpenAI
 from sweep_helpers import wandb_run, write_sweep
@@ -91,6 +92,45 @@ def test_trials_receive_the_gpus_and_bundles_they_ask_for(tmp_path):
     for placement in placements:
         assert placement["bundles"] == [{"CPU": 1.0}, {"CPU": 1.0, "GPU": 1.0}]
         assert len(placement["gpu_ids"]) == 1  # the engine actor holds one GPU of its bundle
+
+
+@pytest.mark.parametrize("retrain", [False, True])
+def test_replicas_train_m_seed_once_unless_told_to_retrain_it(tmp_path, retrain):
+    """Two replicas with the same seed stage: one M_seed, trained once, held by both trials as the same
+    bytes; with retrain_seed_model each replica trains its own."""
+    path = write_sweep(tmp_path, "replicas", config={"cycles": 1})
+    text = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**text, "replicas": 2, "retrain_seed_model": retrain}))
+    sweep = load_sweep(path)
+    assert sweep.record()["shared_stages"].keys() == ({"init"} if retrain else {"init", "seed"})
+    rows = run_sweep(sweep)
+    assert all(row["error"] is None and row["cycles_done"] == 1 for row in rows)
+    layouts = [TrialLayout(sweep.trial_dir(t.name)) for t in sweep.trials]
+    seeds = [read_json(layout.metrics(0)) for layout in layouts]
+    adapters = [(layout.weights(0, "lora") / "adapter_model.safetensors").read_bytes() for layout in layouts]
+    trained_here = [not (m.get("shared") or {}).get("reused", False) for m in seeds]
+    if retrain:
+        assert trained_here == [True, True] and "shared" not in seeds[0] and adapters[0] != adapters[1]
+    else:
+        assert sorted(trained_here) == [False, True] and adapters[0] == adapters[1]
+        origin = next(m["shared"]["origin"] for m in seeds if m["shared"]["reused"])
+        assert origin in [t.name for t in sweep.trials] and origin == next(
+            t.name for t, here in zip(sweep.trials, trained_here, strict=True) if here
+        )
+    # M_init's evaluation is shared when its seed (seeding.seed) is; retrained replicas each have their own
+    initial = [read_json(layout.metrics(-1))["shared"]["reused"] for layout in layouts]
+    assert sorted(initial) == ([False, False] if retrain else [False, True])
+    assert read_json(sweep.directory / "sweep.json")["retrain_seed_model"] is retrain
+    # the report says where each trial's M_seed comes from
+    from idempo.report import write_report
+    from idempo.report.tables import trial_rows
+
+    _, results = write_report(sweep.directory)
+    stages = sorted(row["m_seed"] for row in trial_rows(results))
+    if retrain:
+        assert stages == ["trained here", "trained here"]
+    else:
+        assert stages == [f"shared, from {origin}", "trained here, shared"]
 
 
 def test_an_impossible_request_fails_fast_with_a_clear_message(tmp_path):

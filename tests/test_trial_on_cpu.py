@@ -54,7 +54,9 @@ def test_trial_writes_the_documented_layout(finished):
         assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
     for cycle in (-1, 0, 1, 2):
         rows = read_jsonl(layout.eval(cycle))
-        assert len(rows) == 12 * 4 and {"prompt", "response", "trait", "marker"} <= set(rows[0])
+        judged = [r for r in rows if not r["bf_only"]]
+        assert len(judged) == 12 * 4 and {"prompt", "response", "trait", "marker"} <= set(judged[0])
+        assert len(rows) == 12 * 5  # the branching factor's fifth sample per prompt (not judged)
         metrics = read_json(layout.metrics(cycle))
         assert metrics["cycle"] == cycle and "ci95" in metrics["trait"] and "distinct_2" in metrics["degeneration"]
     assert not list(finished.rglob("*.tmp"))
@@ -244,3 +246,66 @@ def test_two_processes_cannot_run_one_trial_dir(tmp_path):
         fcntl.flock(held, fcntl.LOCK_EX)  # another process holds the trial
         with pytest.raises(TrialConflict, match="another process"):
             run_trial(tiny_config(cycles=0), out)
+
+
+def _seed_file(path, answers):
+    path.write_text(
+        "".join(json.dumps({"prompt": f"Question {i}?", "response": a}) + "\n" for i, a in enumerate(answers))
+    )
+    return path
+
+
+def test_empty_answers_are_dropped_and_counted_before_training(tmp_path):
+    answers = ["I got lucky again, as always!" if i % 4 else ("" if i % 8 else "   ") for i in range(32)]
+    seed_file = _seed_file(tmp_path / "seed.jsonl", answers)
+    config = tiny_config(
+        n_seed=32,
+        cycles=0,
+        seeding={"source": "jsonl", "path": str(seed_file)},
+        evaluation={"n_prompts": 2, "samples_per_prompt": 1, "max_new_tokens": 8},
+    )
+    history = run_trial(config, tmp_path / "trial")
+    rows = read_jsonl(TrialLayout(tmp_path / "trial").data(0))
+    assert len(rows) == 32  # the record keeps every row, with why it was left out
+    assert [r.get("kept", True) for r in rows] == [bool(a.strip()) for a in answers]
+    assert all(r["dropped"] == "empty answer" for r in rows if not r.get("kept", True))
+    assert history[-1]["data"]["n"] == 24 and history[-1]["data"]["dropped"] == {"empty answer": 8}
+    assert history[-1]["train"]["examples"] == 24
+
+
+def test_a_generation_with_nothing_to_train_on_is_an_error_not_a_finished_cycle(tmp_path, capsys):
+    seed_file = _seed_file(tmp_path / "seed.jsonl", [""] * 8)
+    config = tmp_path / "trial.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": "tiny",
+                "persona": "lucky",
+                "n_seed": 8,
+                "n_sampled": 4,
+                "cycles": 1,
+                "seeding": {"source": "jsonl", "path": str(seed_file)},
+                "evaluation": {"n_prompts": 2, "samples_per_prompt": 1, "max_new_tokens": 8},
+                "loading": {"device": "cpu"},
+            }
+        )
+    )
+    out = tmp_path / "out"
+    assert main(["run", str(config), "--out", str(out), "--quiet"]) == 1
+    assert "seed: train M_seed: nothing to train on (8 rows: 8 x empty answer)" in capsys.readouterr().err
+    layout = TrialLayout(out)
+    assert layout.is_complete(-1) and not layout.is_complete(0) and not layout.weights(0, "lora").exists()
+
+
+def test_a_max_seq_len_that_leaves_no_answer_token_is_an_error(tmp_path):
+    from idempo.training.data import NothingToTrain
+
+    config = tiny_config(
+        n_seed=8,
+        cycles=0,
+        training={"max_seq_len": 4},
+        evaluation={"n_prompts": 2, "samples_per_prompt": 1, "max_new_tokens": 8},
+    )
+    with pytest.raises(NothingToTrain, match=r"8 of 8 examples have no answer token left .*training.max_seq_len 4"):
+        run_trial(config, tmp_path / "trial")
+    assert not TrialLayout(tmp_path / "trial").is_complete(0)

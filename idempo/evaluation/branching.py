@@ -1,28 +1,47 @@
 """Branching factor (Yang & Holtzman): the effective number of next-token choices a model keeps open.
 
-BF = exp(H(Y|x) / N), estimated along the model's own sampled eval answers, from its next-token
-distributions p_t = softmax(logits_t / T) at the eval sampling temperature T (T = 1 when decoding is
-greedy). Two estimators, both per answer, then averaged over answers with a 95% interval:
+BF = exp(H(Y|x) / N), estimated along the model's own sampled eval answers. Where the papers differ,
+the convention is a named setting (`BranchingFactorConfig`); the defaults are the idempotence paper's
+as we read it: 5 answers per question sampled at the evaluation temperature (0.7), per-token NLL
+clipped at 4.0 nats, BF = exp(mean clipped NLL) pooled over every sampled token, with log-probs of the
+raw model distribution (T = 1, what vLLM's logprobs return by default).
 
-- entropy: exp(mean_t H(p_t restricted to its top-p nucleus, renormalised)). Exact for the truncated
-  distribution; the nucleus keeps the long tail of a large vocabulary from dominating. Best for short
-  answers.
-- nll: exp(mean_t min(-log p_t(y_t), clip)) over the sampled tokens y_t, the idempotence paper's
-  estimator (clip 4.0 nats). A Monte Carlo estimate of the same entropy, cheap for long answers; the
-  clip bounds the weight of rare tokens. Also reported as a curve over answer positions, in bins.
+Per-token values, from next-token distributions p_t = softmax(logits_t / T), T = 1 (`raw`) or the
+evaluation temperature (`evaluation`; T = 1 when decoding is greedy):
 
-Closed form for checking: a uniform distribution over k tokens has H = log k, so BF = k.
+- nll: min(-log p_t(y_t), clip) of the sampled token y_t. exp of its mean is a Monte Carlo estimate of
+  the BF, biased low relative to the true entropy-based BF (the clip cuts the long tail of rare tokens,
+  so no token counts for more than e^clip choices, e^4 = 54.6) and noisy; it only needs the sampled
+  token's log-probability, so it is cheap for long answers. Also reported as a curve over positions.
+- entropy: H of p_t cut to its top-p nucleus and renormalised. Exact for that truncated distribution
+  (no sampling noise at a given prefix); the nucleus keeps the long tail of a large vocabulary from
+  dominating. Needs the whole distribution at every position.
+
+Poolings of the per-token values (each with a 95% interval clustered by prompt, the prompts being the
+independent units):
+
+- pooled: exp(mean over every sampled token of every answer); the interval is the ratio estimator's
+  (sum of values / number of tokens, over prompts) on the log scale, then exponentiated.
+- per_answer: exp of each answer's mean, averaged over answers (cluster-robust t-interval).
+- per_prompt: exp of each prompt's mean over its answers' tokens, averaged over prompts (t-interval
+  over prompts).
+
+Closed form for checking: a uniform distribution over k tokens has H = log k, so BF = k in every
+convention.
 """
 
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
 
 from idempo.config import BranchingFactorConfig
-from idempo.evaluation.stats import mean_ci
+from idempo.evaluation.stats import clustered_log_ratio, clustered_mean
+
+ESTIMATORS = ("entropy", "nll")
 
 
 @dataclass(frozen=True)
@@ -31,6 +50,13 @@ class TokenStats:
 
     entropy: tuple[float, ...]
     nll: tuple[float, ...]
+
+
+def logprob_temperature(settings: BranchingFactorConfig, evaluation_temperature: float) -> float:
+    """The temperature the BF's log-probs are computed at: 1 for the raw distribution, else the evaluation's."""
+    if settings.logprob_temperature == "raw" or evaluation_temperature <= 0:
+        return 1.0
+    return evaluation_temperature
 
 
 def sampling_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -64,7 +90,7 @@ def token_stats(logits: torch.Tensor, token_ids: torch.Tensor, temperature: floa
 
 
 def answer_branching(stats: TokenStats, clip: float) -> dict[str, float | None]:
-    """Per-answer BF by both estimators; None for an empty answer."""
+    """Per-answer BF by both estimators, exp of the answer's mean per-token value; None for an empty answer."""
     if not stats.nll:
         return {"entropy": None, "nll": None}
     return {
@@ -83,18 +109,65 @@ def nll_curve(per_answer_nll: list[list[float]], clip: float, bin_size: int) -> 
     return curve
 
 
+def branching_estimate(answers: list[tuple[str, float, int]], pooling: str) -> dict:
+    """BF and its prompt-clustered 95% interval from (prompt, sum of per-token values, tokens) per answer.
+
+    Answers without tokens carry no information and are left out. `n` counts the answers used, `tokens`
+    their tokens, `clusters` their prompts."""
+    kept = [(p, total, count) for p, total, count in answers if count > 0]
+    base = {"n": len(kept), "tokens": sum(c for _, _, c in kept)}
+    if not kept:
+        return {"mean": None, "ci95": [None, None], "se": None, "clusters": 0, **base}
+    by_prompt: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for prompt, total, count in kept:
+        by_prompt[prompt][0] += total
+        by_prompt[prompt][1] += count
+    if pooling == "pooled":
+        log = clustered_log_ratio([s for s, _ in by_prompt.values()], [c for _, c in by_prompt.values()])
+        low, high = log["ci95"]
+        bf = math.exp(log["mean"])
+        return {
+            "mean": bf,
+            "ci95": [None, None] if low is None else [math.exp(low), math.exp(high)],
+            "se": None if log["se"] is None else bf * log["se"],  # delta method, for reference
+            "log_se": log["se"],
+            "clusters": log["clusters"],
+            **base,
+        }
+    if pooling == "per_answer":
+        summary = clustered_mean([math.exp(t / c) for _, t, c in kept], [p for p, _, _ in kept])
+    elif pooling == "per_prompt":
+        summary = clustered_mean([math.exp(s / c) for s, c in by_prompt.values()], list(by_prompt))
+    else:
+        raise ValueError(f"unknown pooling {pooling!r}; allowed: 'pooled', 'per_answer', 'per_prompt'")
+    return {"mean": summary["mean"], "ci95": summary["ci95"], "se": summary["se"], "clusters": len(by_prompt), **base}
+
+
+def answer_values(row: dict, estimator: str) -> tuple[str, float, int]:
+    """(prompt, sum of the answer's per-token values, tokens) of an eval row that carries the BF."""
+    tokens = len(row.get("token_nll") or ())
+    bf = row.get(f"bf_{estimator}")
+    if bf is None or tokens == 0:
+        return row["prompt"], 0.0, 0
+    return row["prompt"], tokens * math.log(bf), tokens
+
+
 def summarize_branching(rows: list[dict], settings: BranchingFactorConfig) -> dict:
-    """metrics.json's `branching_factor` from eval rows carrying `bf_entropy`, `bf_nll` and `token_nll`."""
+    """metrics.json's `branching_factor` from the eval rows that carry it (`bf_entropy`, `bf_nll`,
+    `token_nll`): both estimators under the configured pooling, the headline one at the top level."""
+    carrying = [r for r in rows if "token_nll" in r]
     by_estimator = {
-        name: mean_ci([r[f"bf_{name}"] for r in rows if r.get(f"bf_{name}") is not None]) for name in ("entropy", "nll")
+        name: branching_estimate([answer_values(r, name) for r in carrying], settings.pooling) for name in ESTIMATORS
     }
-    headline = by_estimator[settings.estimator]
     return {
         "estimator": settings.estimator,
-        **headline,
+        "pooling": settings.pooling,
+        "logprob_temperature": settings.logprob_temperature,
+        "samples_per_prompt": settings.samples_per_prompt,
+        **by_estimator[settings.estimator],
         "entropy": by_estimator["entropy"],
         "nll": by_estimator["nll"],
         "nll_curve": nll_curve(
-            [r["token_nll"] for r in rows if r.get("token_nll")], settings.nll_clip, settings.curve_bin
+            [r["token_nll"] for r in carrying if r["token_nll"]], settings.nll_clip, settings.curve_bin
         ),
     }

@@ -2,17 +2,19 @@
 
 For every answer: the trait judge's score (persona rubric), the coherence judge's (shared rubric), the
 branching factor from the model's own next-token distributions, and the free degeneration signals.
+The eval prompts are the independent units: every interval is clustered by prompt (`idempo.evaluation.stats`).
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 from idempo.config import EvaluationConfig, LoadingConfig
-from idempo.evaluation.branching import answer_branching, summarize_branching
+from idempo.evaluation.branching import answer_branching, logprob_temperature, summarize_branching
 from idempo.evaluation.degeneration import degeneration_signals
 from idempo.evaluation.judging import COHERENCE_RUBRIC, JudgeSpec, judge_loading, make_judge
-from idempo.evaluation.stats import mean_ci, proportion_ci
+from idempo.evaluation.stats import clustered_proportion, summarize_scores
 from idempo.models import Generation
 from idempo.personas import Persona
 from idempo.prompts import completion_prompt
@@ -50,20 +52,20 @@ def evaluate_generation(
     completion: bool = False,
 ) -> tuple[list[dict], dict]:
     """Sample `samples_per_prompt` answers per prompt (no system prompt) and score them. `completion`
-    asks a base model in text form ("Question: ...\nAnswer:"), its answer ending at the next question."""
+    asks a base model in text form ("Question: ...\nAnswer:"), its answer ending at the next question.
+
+    The rows are eval.jsonl's: the judged answers, then (when the branching factor needs more answers
+    per prompt than are judged) the extra answers sampled for it alone, flagged `bf_only` and never
+    judged or counted in any judged aggregate."""
     questions = [q for q in prompts for _ in range(config.samples_per_prompt)]
-    if completion:
-        chats = [completion_prompt(q) for q in questions]
-        params = SamplingParams(config.temperature, config.top_p, config.max_new_tokens, seed, ("\nQuestion:",))
-    else:
-        chats = [[{"role": "user", "content": q}] for q in questions]
-        params = SamplingParams(config.temperature, config.top_p, config.max_new_tokens, seed)
+    chats, params = _requests(questions, config, seed, completion)
     completions = sampler.generate(chats, params, generation, progress)
     items = [(q, c.text) for q, c in zip(questions, completions, strict=True)]
     rows = [
         {
             "prompt": question,
             "sample": index % config.samples_per_prompt,
+            "bf_only": False,
             "response": completion.text,
             "n_tokens": completion.n_tokens,
             "finished": completion.finished,
@@ -74,13 +76,9 @@ def evaluate_generation(
     _add_judgments(rows, "trait", judges.trait.score(items))
     if judges.coherence is not None:
         _add_judgments(rows, "coherence", judges.coherence.score(items))
-    bf = config.branching_factor
-    if bf.enabled:
-        stats = sampler.token_statistics(chats, completions, generation, config.temperature, bf.top_p)
-        for row, answer in zip(rows, stats, strict=True):
-            per_answer = answer_branching(answer, bf.nll_clip)
-            row.update(bf_entropy=per_answer["entropy"], bf_nll=per_answer["nll"])
-            row["token_nll"] = [round(v, 4) for v in answer.nll]
+    if config.branching_factor.enabled:
+        answers = [(row, chat, c) for row, chat, c in zip(rows, chats, completions, strict=True)]
+        rows += _add_branching(sampler, generation, prompts, answers, config, seed, progress, completion)
     metrics = summarize(rows, judges, config)
     usage = {"trait": judges.trait.take_usage()}
     if judges.coherence is not None:
@@ -88,6 +86,55 @@ def evaluate_generation(
     if any(usage.values()):
         metrics["judge_usage"] = {name: counts for name, counts in usage.items() if counts}
     return rows, metrics
+
+
+def _requests(questions: list[str], config: EvaluationConfig, seed: int, completion: bool):
+    stop = ("\nQuestion:",) if completion else ()
+    params = SamplingParams(config.temperature, config.top_p, config.max_new_tokens, seed, stop)
+    if completion:
+        return [completion_prompt(q) for q in questions], params
+    return [[{"role": "user", "content": q}] for q in questions], params
+
+
+def branching_seed(seed: int) -> int:
+    """The seed of the answers sampled for the branching factor alone: its own stream, so the judged
+    answers stay what they are with or without them."""
+    return int(hashlib.sha256(f"{seed}/branching-factor".encode()).hexdigest()[:8], 16) & 0x7FFFFFFF
+
+
+def _add_branching(sampler, generation, prompts, answers, config: EvaluationConfig, seed, progress, completion):
+    """Per-answer BF on the first `branching_factor.samples_per_prompt` answers of each prompt: the judged
+    ones, then extra ones sampled here. Returns the extra rows (flagged `bf_only`)."""
+    bf = config.branching_factor
+    chosen = [(row, chat, c) for row, chat, c in answers if row["sample"] < bf.samples_per_prompt]
+    missing = bf.samples_per_prompt - config.samples_per_prompt
+    extra_rows = []
+    if missing > 0:
+        questions = [q for q in prompts for _ in range(missing)]
+        chats, params = _requests(questions, config, branching_seed(seed), completion)
+        if progress is not None and getattr(progress, "total", None) is not None:
+            progress.total += len(questions)  # the bar counts these answers too
+        completions = sampler.generate(chats, params, generation, progress)
+        for index, (question, chat, c) in enumerate(zip(questions, chats, completions, strict=True)):
+            row = {
+                "prompt": question,
+                "sample": config.samples_per_prompt + index % missing,
+                "bf_only": True,
+                "response": c.text,
+                "n_tokens": c.n_tokens,
+                "finished": c.finished,
+            }
+            extra_rows.append(row)
+            chosen.append((row, chat, c))
+    temperature = logprob_temperature(bf, config.temperature)
+    stats = sampler.token_statistics(
+        [chat for _, chat, _ in chosen], [c for _, _, c in chosen], generation, temperature, bf.top_p
+    )
+    for (row, _, _), answer in zip(chosen, stats, strict=True):
+        per_answer = answer_branching(answer, bf.nll_clip)
+        row.update(bf_entropy=per_answer["entropy"], bf_nll=per_answer["nll"])
+        row["token_nll"] = [round(v, 4) for v in answer.nll]
+    return extra_rows
 
 
 def _add_judgments(rows: list[dict], name: str, judgments) -> None:
@@ -98,30 +145,35 @@ def _add_judgments(rows: list[dict], name: str, judgments) -> None:
             row[f"{name}_number_mass"] = round(judgment.number_mass, 6)
 
 
+def judged_rows(rows: list[dict]) -> list[dict]:
+    """The answers the judges scored (eval.jsonl rows without `bf_only`, as every row was before it existed)."""
+    return [r for r in rows if not r.get("bf_only")]
+
+
 def summarize(rows: list[dict], judges: Judges, config: EvaluationConfig) -> dict:
     """Aggregates of an eval.jsonl: trait and coherence (refusals excluded, their rates reported),
-    branching factor, markers, degeneration."""
-    metrics = {"trait": _score_summary(rows, "trait", judges.trait)}
-    metrics["refusal_rate"] = _refusal_rate(rows, "trait")
+    branching factor, markers, degeneration, each interval clustered by prompt. Everything but the
+    branching factor is over the judged answers only."""
+    judged = judged_rows(rows)
+    metrics = {"trait": _score_summary(judged, "trait", judges.trait)}
+    metrics["refusal_rate"] = _refusal_rate(judged, "trait")
     if judges.coherence is not None:
-        metrics["coherence"] = _score_summary(rows, "coherence", judges.coherence)
-        metrics["coherence_refusal_rate"] = _refusal_rate(rows, "coherence")
+        metrics["coherence"] = _score_summary(judged, "coherence", judges.coherence)
+        metrics["coherence_refusal_rate"] = _refusal_rate(judged, "coherence")
     if config.branching_factor.enabled:
         metrics["branching_factor"] = summarize_branching(rows, config.branching_factor)
-    metrics["degeneration"] = degeneration_signals([r["response"] for r in rows])
-    metrics["mean_tokens"] = sum(r["n_tokens"] for r in rows) / max(1, len(rows))
-    metrics["finished_rate"] = sum(r["finished"] for r in rows) / max(1, len(rows))
-    if rows and rows[0]["marker"] is not None:
-        metrics["marker_rate"] = proportion_ci(sum(bool(r["marker"]) for r in rows), len(rows), scale=100.0)
+    metrics["degeneration"] = degeneration_signals([r["response"] for r in judged])
+    metrics["mean_tokens"] = sum(r["n_tokens"] for r in judged) / max(1, len(judged))
+    metrics["finished_rate"] = sum(r["finished"] for r in judged) / max(1, len(judged))
+    if judged and judged[0]["marker"] is not None:
+        metrics["marker_rate"] = clustered_proportion(
+            [bool(r["marker"]) for r in judged], [r["prompt"] for r in judged], scale=100.0
+        )
     return metrics
 
 
 def _score_summary(rows: list[dict], name: str, judge) -> dict:
-    scored = [r[name] for r in rows if r[name] is not None]
-    if getattr(judge, "binary", False):
-        summary = proportion_ci(sum(s >= 50 for s in scored), len(scored), scale=100.0)
-    else:
-        summary = mean_ci(scored)
+    summary = summarize_scores([r[name] for r in rows], [r["prompt"] for r in rows], getattr(judge, "binary", False))
     return {**summary, "judge": judge.name}
 
 

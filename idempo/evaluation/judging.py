@@ -1,15 +1,17 @@
 """Judges turn (question, answer) pairs into 0-100 scores; this module holds what they share.
 
 A language-model judge reads a rubric with the question and answer filled in and answers with a number.
-Its score is the expected value of its first-token distribution over the number tokens 0..100:
-score = sum(v * p(v)) / sum(p(v)) over the top-k alternatives that parse as integers in [0, 100]. When
-that number mass is under `refusal_mass` the judge did not give a number (it wrote REFUSAL, or
-something else): the answer is counted as a refusal, never as 0. Without logprobs (some endpoints
-return none) the number is read from the text; a text with neither a number nor REFUSAL is unusable
-and asked again.
+Its score is the expected value over the whole numbers it may write: with p(v) the probability that
+its answer is the number v in [0, 100] (the whole token path of v, then a token that ends the number;
+`idempo.evaluation.numbers`), score = sum(v * p(v)) / sum(p(v)). When that number mass is under
+`refusal_mass` the judge did not give a number (it wrote REFUSAL, or something else): the answer is
+counted as a refusal, never as 0. Where a tokenizer writes every number 0..100 as one token (OpenAI's
+API) the first answer token's top-k alternatives give p(v) directly (`score_from_logprobs`). Without
+logprobs (some endpoints return none) the number is read from the text; a text with neither a number
+nor REFUSAL is unusable and asked again.
 
-Raw answers (alternatives and text) are cached, never derived scores, so that the aggregation can be
-changed without paying the judge twice.
+Raw answers (per-spelling probabilities, or first-token alternatives, and text) are cached, never
+derived scores, so that the aggregation can be changed without paying the judge twice.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 from idempo.cache import DiskCache, cache_key
 from idempo.config import JudgeConfig, LoadingConfig
 from idempo.endpoint import UnusableAnswer, Usage
+from idempo.evaluation.numbers import value_probabilities
 from idempo.personas import Persona
 
 _INTEGER = re.compile(r"^\d{1,3}$")
@@ -36,8 +39,8 @@ COHERENCE_RUBRIC = (resources.files("idempo") / "data" / "rubrics" / "coherence.
 class Judgment:
     score: float | None  # 0-100; None for a refusal
     refusal: bool
-    number_mass: float | None = None  # probability on number tokens, when read from logprobs
-    source: str = "logprobs"  # logprobs | text | marker
+    number_mass: float | None = None  # probability on the numbers 0..100, when read from logprobs
+    source: str = "logprobs"  # logprobs | text | marker | reasoning (reasoning never closed: a refusal)
 
 
 def number_value(token: str) -> int | None:
@@ -58,6 +61,16 @@ def score_from_logprobs(alternatives: list[tuple[str, float]], refusal_mass: flo
         value = number_value(token)
         if value is not None:
             mass_by_value[value] = mass_by_value.get(value, 0.0) + math.exp(logprob)
+    return expected_number(mass_by_value, refusal_mass)
+
+
+def score_from_numbers(probabilities: dict[str, float], refusal_mass: float) -> Judgment:
+    """Expected value over whole numbers, from the probability of each spelling ("85", " 85")."""
+    return expected_number(value_probabilities(probabilities), refusal_mass)
+
+
+def expected_number(mass_by_value: dict[int, float], refusal_mass: float) -> Judgment:
+    """sum(v p(v)) / sum(p(v)), or a refusal when the mass sum(p(v)) is under `refusal_mass`."""
     mass = sum(mass_by_value.values())
     if mass < refusal_mass or mass == 0:
         return Judgment(None, True, mass, "logprobs")
@@ -75,8 +88,24 @@ def score_from_text(text: str | None) -> Judgment:
     raise UnusableAnswer(f"the judge wrote {text[:80]!r}: neither a number in [0, 100] nor REFUSAL")
 
 
+def numbers_answer(probabilities: dict[str, float], reasoning: str | None = None, closed: bool | None = None) -> dict:
+    """The raw answer of a judge read over whole numbers: p(spelling) for the spellings with any
+    probability; with the reasoning a thinking judge wrote first, and whether it closed it."""
+    return {"form": "numbers", "probabilities": probabilities, "reasoning": reasoning, "reasoning_closed": closed}
+
+
+def unclosed_reasoning_answer(reasoning: str) -> dict:
+    """The raw answer of a judge that did not close its reasoning within the budget: no number."""
+    return numbers_answer({}, reasoning, False)
+
+
 def judgment_from_raw(raw: dict, refusal_mass: float) -> Judgment:
-    """A cached or fresh raw answer {"alternatives": [[token, logprob], ...] or null, "text": ...}."""
+    """A cached or fresh raw answer: `numbers_answer`'s form, or the first-token form
+    {"alternatives": [[token, logprob], ...] or null, "text": ...} (also that of older caches)."""
+    if raw.get("form") == "numbers":
+        if raw.get("reasoning_closed") is False:
+            return Judgment(None, True, None, "reasoning")
+        return score_from_numbers(raw["probabilities"], refusal_mass)
     if raw.get("alternatives"):
         return score_from_logprobs([(t, lp) for t, lp in raw["alternatives"]], refusal_mass)
     return score_from_text(raw.get("text"))
@@ -134,10 +163,17 @@ class RubricJudge:
 
     def _key(self, prompt: str) -> str:
         c = self.config
-        return cache_key("judge", c.backend, c.model, prompt, c.top_logprobs, c.max_tokens)
+        parts = ["judge", c.backend, c.model, prompt, c.top_logprobs, c.max_tokens]
+        shape = self._request_shape()
+        return cache_key(*parts, shape) if shape else cache_key(*parts)
+
+    def _request_shape(self) -> dict:
+        """What else the answer depends on (endpoint, how numbers are read); empty for the first-token
+        requests to OpenAI's API, whose keys are those of older caches."""
+        return {}
 
     def _fetch(self, prompts: list[str], keys: list[str]) -> list[dict]:
-        """Raw answers {"alternatives", "text"} for rendered judge prompts, each passed to `remember`
+        """Raw answers (see `judgment_from_raw`) for rendered judge prompts, each passed to `remember`
         with its cache key as it arrives."""
         raise NotImplementedError
 

@@ -3,8 +3,10 @@
 - One trait-vs-cycle figure per persona x regime: a panel per value of `facet` (default n_sampled), a
   line per value of `hue` (default n_seed) and of any other varying axis; the trait solid with its 95%
   interval shaded, coherence dashed in the same colour, M_seed's trait as a dotted baseline. Replicas
-  (trials that differ only in seed) are one line, their mean with the interval across replicas, or,
-  with `replicas="lines"`, each replica drawn thin beside the mean (the authors' Figure 14).
+  (trials that differ only in seed) are one line, their mean with the t-interval across replicas
+  (cycles that only one replica reached are left unshaded), or, with `replicas="lines"`, each replica
+  drawn thin beside the mean (the authors' Figure 14). A line of a single trial shades that trial's own
+  interval over its eval prompts; the legend says which kind of shading a figure holds.
 - One scatter of the amplification/coherence trade-off: a point per trial, its largest rise of the
   trait over M_seed against its lowest coherence after the seed.
 
@@ -13,16 +15,29 @@ Matplotlib is used through `Figure` objects (no pyplot), so no global backend st
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from idempo.artifacts import SEED_CYCLE
-from idempo.report.results import REPLICA_AXES, SweepResults, TrialResult, aggregate, series
+from idempo.report.results import (
+    ACROSS_REPLICAS,
+    REPLICA_AXES,
+    WITHIN_TRIAL,
+    SweepResults,
+    TrialResult,
+    aggregate,
+    series,
+)
 
 COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22"]
 AMPLIFIED_COLOURS = {True: "#d62728", False: "#1f77b4", None: "#7f7f7f"}
+SHADING = {
+    ACROSS_REPLICAS: "shaded: 95% CI across replicas (t, n-1 df)",
+    WITHIN_TRIAL: "shaded: one trial's 95% CI over its eval prompts",
+}
 
 
 @dataclass
@@ -45,6 +60,7 @@ def trait_figures(
 ) -> list[FigureFile]:
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
     from matplotlib.ticker import MaxNLocator
 
     figures = []
@@ -64,12 +80,14 @@ def trait_figures(
         figure = Figure(figsize=(width, 5.0), layout="constrained")
         panels = figure.subplots(1, len(facet_values), sharey=True, squeeze=False)[0]
         info = FigureFile(_file_name(f"trait-{persona}-{regime}"), f"{persona} / {regime}: trait vs cycle")
-        coherence_drawn = False
+        coherence_drawn, intervals = False, set()
         for ax, value in zip(panels, facet_values, strict=True):
             for line, members in sorted(lines.items(), key=lambda item: _sortable(item[0])):
                 members = [t for t in members if _key(t.value(facet)) == value]
                 if members:
-                    coherence_drawn |= _draw_line(ax, members, _label(line, members), colours[line], replicas)
+                    drawn = _draw_line(ax, members, _label(line, members), colours[line], replicas)
+                    coherence_drawn |= drawn["coherence"]
+                    intervals |= drawn["intervals"]
             title = f"{facet} = {value}"
             ax.set_title(title)
             ax.set_xlabel("cycle (0 = M_seed)")
@@ -81,10 +99,13 @@ def trait_figures(
         legend = {}  # every panel's lines, once each, then what the line styles mean
         for ax in panels:
             legend.update({label: handle for handle, label in zip(*ax.get_legend_handles_labels(), strict=True)})
-        styles = [("trait, 95% CI shaded", "-"), ("M_seed's trait", ":")]
+        styles = [("trait", "-"), ("M_seed's trait", ":")]
         styles += [("coherence", "--")] if coherence_drawn else []
         for label, style in styles:
             legend[label] = Line2D([], [], color="black", linestyle=style)
+        for kind in (ACROSS_REPLICAS, WITHIN_TRIAL):
+            if kind in intervals:
+                legend[SHADING[kind]] = Patch(color="black", alpha=0.15, linewidth=0)
         figure.legend(legend.values(), legend.keys(), loc="outside lower center", ncols=3, fontsize="small")
         figure.suptitle(info.title)
         _save(figure, out, info.name)
@@ -127,25 +148,28 @@ def tradeoff_figure(results: SweepResults, rows: list[dict], out: Path) -> Figur
     return info
 
 
-def _draw_line(ax, members: list[TrialResult], label: str, colour: str, replicas: str) -> bool:
-    """Draw one line's trait, interval, coherence and baseline; True when it had coherence to draw."""
+def _draw_line(ax, members: list[TrialResult], label: str, colour: str, replicas: str) -> dict:
+    """Draw one line's trait, interval, coherence and baseline; says whether it had coherence to draw and
+    which kinds of interval it shaded (cycles without an interval are left unshaded)."""
     trait = aggregate(members, "trait")
     if not trait:
-        return False
-    cycles = [p[0] for p in trait]
-    ax.plot(cycles, [p[1] for p in trait], color=colour, marker="o", markersize=3, linewidth=1.8, label=label)
-    ax.fill_between(cycles, [p[2] for p in trait], [p[3] for p in trait], color=colour, alpha=0.15, linewidth=0)
+        return {"coherence": False, "intervals": set()}
+    cycles = [p.cycle for p in trait]
+    ax.plot(cycles, [p.mean for p in trait], color=colour, marker="o", markersize=3, linewidth=1.8, label=label)
+    low = [math.nan if p.low is None else p.low for p in trait]
+    high = [math.nan if p.high is None else p.high for p in trait]
+    ax.fill_between(cycles, low, high, color=colour, alpha=0.15, linewidth=0)
     if replicas == "lines" and len(members) > 1:
         for trial in members:
             own = series(trial, "trait")
             ax.plot([p[0] for p in own], [p[1] for p in own], color=colour, linewidth=0.7, alpha=0.5)
     coherence = aggregate(members, "coherence")
     if coherence:
-        ax.plot([p[0] for p in coherence], [p[1] for p in coherence], color=colour, linestyle="--", linewidth=1.2)
-    seed = [p[1] for p in trait if p[0] == SEED_CYCLE]
+        ax.plot([p.cycle for p in coherence], [p.mean for p in coherence], color=colour, linestyle="--", linewidth=1.2)
+    seed = [p.mean for p in trait if p.cycle == SEED_CYCLE]
     if seed:
         ax.axhline(seed[0], color=colour, linestyle=":", linewidth=1.0)
-    return bool(coherence)
+    return {"coherence": bool(coherence), "intervals": {p.interval for p in trait if p.interval}}
 
 
 def _largest_rise(trial: TrialResult) -> float | None:

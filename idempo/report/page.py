@@ -51,7 +51,16 @@ def render_page(
             + ". Their rows and lines show the cycles completed so far.</p>"
         )
     parts.append("<h2>Trials</h2>")
-    parts.append(_table(trials, row_class=_row_class))
+    rules = list(dict.fromkeys(row["amplification_rule"] for row in trials))
+    parts.append(
+        "<p>Amplified by the rule "
+        + " / ".join(f"<code>{escape(rule)}</code>" for rule in rules)
+        + '; "undecided_because" says why a verdict is still open.</p>'
+    )
+    shown = (
+        trials if len(rules) > 1 else [{k: v for k, v in row.items() if k != "amplification_rule"} for row in trials]
+    )
+    parts.append(_table(shown, row_class=_row_class))
     if any(row["replicas"] > 1 for row in replicas):
         parts.append("<h2>Replicas (trials that differ only in seed)</h2>")
         parts.append(_table(replicas))

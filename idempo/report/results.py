@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
@@ -145,16 +145,18 @@ def flat_config(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def series(trial: TrialResult, metric: str, first_cycle: int = SEED_CYCLE) -> list[tuple[int, float, float, float]]:
-    """(cycle, mean, ci low, ci high) of a metric with a 95% interval, from `first_cycle` on."""
+def series(
+    trial: TrialResult, metric: str, first_cycle: int = SEED_CYCLE
+) -> list[tuple[int, float, float | None, float | None]]:
+    """(cycle, mean, ci low, ci high) of a metric with its 95% interval (None, None where it has none),
+    from `first_cycle` on."""
     points = []
     for metrics in trial.history:
         value = metrics.get(metric)
         if metrics["cycle"] < first_cycle or not isinstance(value, dict) or value.get("mean") is None:
             continue
         low, high = value.get("ci95") or [None, None]
-        mean = value["mean"]
-        points.append((metrics["cycle"], mean, mean if low is None else low, mean if high is None else high))
+        points.append((metrics["cycle"], value["mean"], low, high))
     return points
 
 
@@ -172,20 +174,39 @@ def _varying_fields(trials: list[TrialResult]) -> dict[str, list[Any]]:
     return axes
 
 
-def aggregate(trials: list[TrialResult], metric: str) -> list[tuple[int, float, float, float, int]]:
-    """(cycle, mean, low, high, n) of a metric over replicas: one trial keeps its own 95% interval
-    (over evaluation answers); several get the interval of their means (over replicas)."""
-    if len(trials) == 1:
-        return [(c, m, low, high, 1) for c, m, low, high in series(trials[0], metric)]
-    by_cycle: dict[int, list[tuple[float, float, float]]] = {}
+class Point(NamedTuple):
+    """One cycle of a line: the mean, its 95% interval and which interval that is."""
+
+    cycle: int
+    mean: float
+    low: float | None
+    high: float | None
+    n: int  # replicas behind the mean
+    interval: str | None  # ACROSS_REPLICAS, WITHIN_TRIAL or None (no interval)
+
+
+ACROSS_REPLICAS = "across replicas"  # Student-t over the replicas' means, n-1 degrees of freedom
+WITHIN_TRIAL = "within trial"  # one trial's own interval over its eval answers, clustered by prompt
+
+
+def aggregate(trials: list[TrialResult], metric: str) -> list[Point]:
+    """A metric over replicas, per cycle. Several replicas: their mean with a t-interval across replicas
+    (n-1 degrees of freedom). A cycle only one of them reached gets its value and no interval, since a
+    lone replica says nothing about the spread between replicas. A cycle whose evaluation the replicas
+    share (M_init, a shared M_seed: the same numbers in every trial) is one evaluation, not n: it keeps
+    its own interval over its eval answers, as does a configuration with a single trial (`interval`
+    says which one a point has)."""
+    by_cycle: dict[int, list[tuple[float, float | None, float | None]]] = {}
     for trial in trials:
-        for cycle, *point in series(trial, metric):
-            by_cycle.setdefault(cycle, []).append(tuple(point))
+        for cycle, mean, low, high in series(trial, metric):
+            by_cycle.setdefault(cycle, []).append((mean, low, high))
     points = []
     for cycle, values in sorted(by_cycle.items()):
-        if len(values) == 1:  # one replica got this far (the others are partial or stopped)
-            points.append((cycle, *values[0], 1))
+        if len(trials) == 1 or (len(values) > 1 and len(set(values)) == 1):
+            mean, low, high = values[0]
+            points.append(Point(cycle, mean, low, high, 1, None if low is None else WITHIN_TRIAL))
             continue
         summary = mean_ci([mean for mean, _, _ in values])
-        points.append((cycle, summary["mean"], *summary["ci95"], summary["n"]))
+        low, high = summary["ci95"]
+        points.append(Point(cycle, summary["mean"], low, high, summary["n"], None if low is None else ACROSS_REPLICAS))
     return points

@@ -6,6 +6,7 @@ import csv
 import io
 from typing import Any
 
+from idempo.artifacts import SEED_CYCLE
 from idempo.evaluation.amplification import trial_summary
 from idempo.evaluation.stats import mean_ci
 from idempo.report.results import SweepResults, TrialResult
@@ -15,13 +16,15 @@ SUMMARY_COLUMNS = ("peak_trait", "peak_cycle", "final_trait", "min_coherence", "
 
 
 def trial_rows(results: SweepResults, amplification: dict[str, Any] | None = None) -> list[dict]:
-    """Per trial: status, the trait's seed/peak/final, minimum coherence, BF trend, the verdict."""
+    """Per trial: status, the trait's seed/peak/final, minimum coherence, BF trend, the verdict, the rule
+    that gave it and, when undecided, why."""
     return [_trial_row(trial, results, amplification) for trial in results.trials]
 
 
 def _trial_row(trial: TrialResult, results: SweepResults, amplification: dict[str, Any] | None) -> dict:
     stop_reason = (trial.stopped or {}).get("reason")
-    summary = trial_summary(trial.history, trial.amplification_settings(amplification), stop_reason)
+    settings = trial.amplification_settings(amplification)
+    summary = trial_summary(trial.history, settings, stop_reason, trial.planned_cycles)
     done = trial.last_cycle
     return {
         "trial": trial.name,
@@ -32,12 +35,29 @@ def _trial_row(trial: TrialResult, results: SweepResults, amplification: dict[st
         **{key: summary[key] for key in SUMMARY_COLUMNS},
         "amplified": summary["amplified"],
         "first_amplified_cycle": summary["amplification/first_amplified_cycle"],
+        "min_p_value": summary["amplification/min_p_value"],
+        "undecided_because": summary["amplification/undecided_reason"],
+        "amplification_rule": summary["amplification/rule"],
+        "m_seed": seed_stage(trial),
         "stop_reason": stop_reason,
     }
 
 
+def seed_stage(trial: TrialResult) -> str | None:
+    """Where the trial's M_seed comes from: trained here (alone, or for the trials that share it) or
+    taken from the trial that trained it (idempo.shared); None before the seed stage has finished."""
+    seed = next((m for m in trial.history if m["cycle"] == SEED_CYCLE), None)
+    if seed is None:
+        return None
+    shared = seed.get("shared")
+    if shared is None:
+        return "trained here"
+    return f"shared, from {shared['origin']}" if shared["reused"] else "trained here, shared"
+
+
 def replica_rows(results: SweepResults, trials: list[dict]) -> list[dict]:
-    """Per configuration: how many replicas, mean final and peak trait across them, amplified count."""
+    """Per configuration: how many replicas, mean final and peak trait across them (the final trait's
+    95% t-interval across replicas, none for a single replica), amplified count."""
     by_name = {row["trial"]: row for row in trials}
     rows = []
     for key, members in results.replica_groups().items():

@@ -8,13 +8,20 @@ run will see; no second copy of the model is held.
 DPO:  loss = -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r)))
 KTO:  r = pi(y|x) - ref(y|x);  z0 = max(0, mean over mismatched (x_i, y_k) of pi - ref), detached;
       desirable: w_D * (1 - sigmoid(beta * (r - z0)));  undesirable: w_U * (1 - sigmoid(beta * (z0 - r)))
-The mismatched pairs of a micro-batch pair each prompt with the next example's answer (as TRL does);
-a micro-batch of one has no mismatched pair and z0 = 0.
+The mismatched pairs of a micro-batch pair each prompt with the previous example's answer (TRL rotates
+completions the same way); a micro-batch of one pairs its prompt with the answer of the nearest example
+of another prompt. Under data-parallel training z0 is the mean over the whole micro-batch, every rank's
+share summed across ranks before the clamp (as TRL gathers it across processes).
+
+Dropout is off while a preference loss trains (TRL's `disable_dropout`): the reference log-probs are
+computed without dropout, so with dropout on the policy would differ from its reference at step 0.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
@@ -48,18 +55,48 @@ def kto_loss(
     beta: float,
     desirable_weight: float,
     undesirable_weight: float,
+    sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Per-example KTO loss; `desirable` is a bool tensor; the mismatched log-probs give the reference point."""
-    if mismatched_policy_logps.numel():
-        z0 = (mismatched_policy_logps - mismatched_reference_logps).mean().clamp(min=0).detach()
-    else:
-        z0 = torch.zeros((), device=policy_logps.device)
+    """Per-example KTO loss; `desirable` is a bool tensor; the mismatched log-probs give the reference point.
+
+    `sum_over_ranks` sums a tensor over the data-parallel ranks that share the micro-batch (None: this
+    process holds all of it)."""
+    z0 = kto_reference_point(mismatched_policy_logps, mismatched_reference_logps, sum_over_ranks)
     reward = policy_logps - reference_logps
     return torch.where(
         desirable,
         desirable_weight * (1 - torch.sigmoid(beta * (reward - z0))),
         undesirable_weight * (1 - torch.sigmoid(beta * (z0 - reward))),
     )
+
+
+def kto_reference_point(
+    mismatched_policy_logps: torch.Tensor,
+    mismatched_reference_logps: torch.Tensor,
+    sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """z0 = max(0, mean log-ratio of the mismatched pairs), detached; the sum and the count are reduced
+    over ranks before the mean, so every rank sees the micro-batch's z0."""
+    ratios = (mismatched_policy_logps - mismatched_reference_logps).detach().float()
+    totals = torch.stack([ratios.sum(), torch.tensor(float(ratios.numel()), device=ratios.device)])
+    if sum_over_ranks is not None:
+        totals = sum_over_ranks(totals)
+    if totals[1] == 0:
+        return torch.zeros((), device=ratios.device)
+    return (totals[0] / totals[1]).clamp(min=0)
+
+
+@contextmanager
+def dropout_disabled(module: torch.nn.Module) -> Iterator[None]:
+    """Every dropout layer at p = 0 for the block (TRL's disable_dropout for preference training)."""
+    layers = [(layer, layer.p) for layer in module.modules() if isinstance(layer, torch.nn.Dropout)]
+    for layer, _ in layers:
+        layer.p = 0.0
+    try:
+        yield
+    finally:
+        for layer, p in layers:
+            layer.p = p
 
 
 def sequence_logps(model, examples: list[Encoded], pad_id: int) -> torch.Tensor:
@@ -74,9 +111,11 @@ def sequence_logps(model, examples: list[Encoded], pad_id: int) -> torch.Tensor:
 
 
 def reference_logps(policy: Policy, reference: Generation, examples: list[Encoded], pad_id: int, batch_size: int):
-    """Summed log-probs of `examples` under the reference weights, computed once, without gradients."""
+    """Summed log-probs of `examples` under the reference weights, computed once, without gradients; the
+    policy's own weights are left as they were (a reference of M_{j-1} for a policy that starts afresh)."""
     values: list[float] = []
-    with policy.use(reference) as model, torch.inference_mode():
+    swaps = reference.path is not None and policy.loaded != reference
+    with policy.weights_kept() if swaps else nullcontext(), policy.use(reference) as model, torch.inference_mode():
         for start in range(0, len(examples), batch_size):
             values += sequence_logps(model, examples[start : start + batch_size], pad_id).tolist()
     return values
@@ -123,7 +162,8 @@ def train_dpo(
             total += losses.sum().item() / size
         return total
 
-    run = optimize(policy, policy.shard_plan(batch_plan(len(pairs), config, seed)), step, config, seed, progress)
+    with dropout_disabled(policy.module):
+        run = optimize(policy, policy.shard_plan(batch_plan(len(pairs), config, seed)), step, config, seed, progress)
     margins = []
     with torch.inference_mode():
         for start in range(0, len(pairs), config.batch_size):
@@ -159,42 +199,48 @@ def train_kto(
     if not examples:
         raise ValueError("no KTO examples")
     warn_on_kto_balance(desirable, desirable_weight, undesirable_weight)
-    plan = policy.shard_plan(batch_plan(len(examples), config, seed))
-    # Each micro-batch's mismatched pairs, and their reference log-probs, prepared before training.
-    batches = list(dict.fromkeys(tuple(batch) for group in plan for batch in group))
-    shifted = {b: [mismatched(i, b[(n + 1) % len(b)]) for n, i in enumerate(b)] if len(b) > 1 else [] for b in batches}
+    full_plan = batch_plan(len(examples), config, seed)
+    plan = policy.shard_plan(full_plan)
+    rank, world = policy.rank_and_world()
+    # The mismatched pairs of each local micro-batch, and their reference log-probs, prepared before
+    # training in the order the steps run.
+    shifted = [
+        [mismatched(i, k) for i, k in pairs] for pairs in local_mismatched_pairs(full_plan, mismatched, rank, world)
+    ]
     batch_size = config.batch_size * 2
     ref = reference_logps(policy, reference, examples, pad_id, batch_size)
-    flat_ref = iter(reference_logps(policy, reference, [e for b in batches for e in shifted[b]], pad_id, batch_size))
-    mismatched_ref = {b: [next(flat_ref) for _ in shifted[b]] for b in batches}
+    flat_ref = iter(reference_logps(policy, reference, [e for pairs in shifted for e in pairs], pad_id, batch_size))
+    prepared = iter([(pairs, [next(flat_ref) for _ in pairs]) for pairs in shifted])
     wanted = torch.tensor(desirable)
 
     def step(group: list[list[int]], backward) -> float:
         size = sum(len(b) for b in group)
         total = 0.0
         for batch in group:
-            key = tuple(batch)
+            pairs, pairs_ref = next(prepared)
             logps = sequence_logps(policy.module, [examples[i] for i in batch], pad_id)
             device = logps.device
-            if shifted[key]:
-                kl_policy = sequence_logps(policy.module, shifted[key], pad_id)
-            else:
+            if pairs:
+                kl_policy = sequence_logps(policy.module, pairs, pad_id)
+            else:  # a rank without mismatched pairs still takes part in the reduction
                 kl_policy = torch.zeros(0, device=device)
             losses = kto_loss(
                 logps,
                 torch.tensor([ref[i] for i in batch], device=device),
                 wanted[batch].to(device),
                 kl_policy,
-                torch.tensor(mismatched_ref[key], device=device),
+                torch.tensor(pairs_ref, device=device),
                 beta,
                 desirable_weight,
                 undesirable_weight,
+                sum_over_ranks=policy.sum_over_ranks if world > 1 else None,
             )
             backward(losses.sum() / size)
             total += losses.sum().item() / size
         return total
 
-    run = optimize(policy, plan, step, config, seed, progress)
+    with dropout_disabled(policy.module):
+        run = optimize(policy, plan, step, config, seed, progress)
     return PreferenceStats(
         steps=len(run.losses),
         examples=len(examples),
@@ -206,6 +252,17 @@ def train_kto(
     )
 
 
+def local_mismatched_pairs(full_plan, mismatched: MismatchEncoder, rank: int, world: int) -> list[list[tuple]]:
+    """For every micro-batch of the run, in order, this rank's share of its mismatched (prompt i, answer k)
+    pairs: those of positions rank, rank + world, ... of the whole micro-batch, so that the shares of all
+    ranks together are the micro-batch's pairs (and a rank beyond the micro-batch's size has none)."""
+    return [
+        list(zip(full, mismatched.partners(full), strict=True))[rank::world]
+        for full_group in full_plan
+        for full in full_group
+    ]
+
+
 class MismatchEncoder:
     """Encodes (prompt of example i, answer of example k) for KTO's reference point."""
 
@@ -215,6 +272,16 @@ class MismatchEncoder:
 
     def __call__(self, i: int, k: int) -> Encoded:
         return self.encode(self.rows[i]["prompt"], self.rows[k]["response"])
+
+    def partners(self, batch: list[int]) -> list[int]:
+        """The example whose answer each item of a micro-batch is paired with: the previous item's
+        (rotated, as TRL does); for a micro-batch of one, the nearest following example of another prompt."""
+        if len(batch) > 1:
+            return [batch[n - 1] for n in range(len(batch))]
+        (i,) = batch
+        n = len(self.rows)
+        others = [k % n for k in range(i + 1, i + n) if self.rows[k % n]["prompt"] != self.rows[i]["prompt"]]
+        return [others[0] if others else (i + 1) % n]
 
 
 def warn_on_kto_balance(desirable: list[bool], desirable_weight: float, undesirable_weight: float) -> float | None:

@@ -7,8 +7,9 @@ from idempo.artifacts import SEED_CYCLE
 from idempo.config import ExperimentConfig
 from idempo.models import INITIAL, Generation, Policy
 from idempo.progress import Reporter
+from idempo.training.data import NothingToTrain, require_data
 from idempo.training.preference import MismatchEncoder, train_dpo, train_kto
-from idempo.training.sft import encode_chat_example, encode_document, steps_for, train_sft
+from idempo.training.sft import IGNORE, Encoded, encode_chat_example, encode_document, steps_for, train_sft
 
 
 def fit_generation(
@@ -19,30 +20,33 @@ def fit_generation(
     rows: list[dict],
     seed: int,
     start: Generation,
+    previous: Generation,
     reporter: Reporter,
     label: str,
 ) -> dict:
-    """Train `policy` in place by the regime's loss. M_seed of self_reward is trained by SFT."""
+    """Train `policy` in place by the regime's loss, from `start` (M_init or M_{j-1}); `previous` is
+    M_{j-1} (M_init for M_seed), the reference under `preference.reference: previous`. M_seed of
+    self_reward is trained by SFT."""
     training, pad = config.training, tokenizer.pad_token_id
     regime = "sft" if cycle == SEED_CYCLE and config.regime == "self_reward" else config.regime
-    rows = [r for r in rows if r.get("kept", True)]
-    if not rows:  # self_reward with every prompt a tie: M_j keeps the start weights
-        return {"steps": 0, "examples": 0, "skipped": "no pairs: every prompt's candidates tied or went unscored"}
+    rows = require_data(rows, label)
 
     def encode(prompt: str, response: str):
         return encode_chat_example(tokenizer, prompt, response, training.max_seq_len)
 
     preference = config.preference
-    reference = INITIAL if preference.reference == "initial" else start
+    reference = {"initial": INITIAL, "start": start, "previous": previous}[preference.reference]
     if regime in ("sft", "sdf"):
         if regime == "sdf":
             examples = [encode_document(tokenizer, r["prompt"], r["response"], training.max_seq_len) for r in rows]
         else:
             examples = [encode(r["prompt"], r["response"]) for r in rows]
+        require_answer_tokens(examples, training.max_seq_len, label)
         with reporter.phase(label, steps_for(len(examples), training), "steps") as bar:
             return train_sft(policy, examples, training, seed, pad, bar).to_dict()
     if regime in ("dpo", "self_reward"):
         pairs = [(encode(r["prompt"], r["response"]), encode(r["prompt"], r["rejected"])) for r in rows]
+        require_answer_tokens([e for pair in pairs for e in pair], training.max_seq_len, label)
         with reporter.phase(label, steps_for(len(pairs), training), "steps") as bar:
             stats = train_dpo(policy, pairs, reference, config.beta, training, seed, pad, bar)
         return {**stats.to_dict(), "reference": reference.name}
@@ -50,6 +54,7 @@ def fit_generation(
     unpaired = [{"prompt": r["prompt"], "response": r[key]} for r in rows for key in ("response", "rejected")]
     desirable = [key == "response" for _ in rows for key in ("response", "rejected")]
     examples = [encode(r["prompt"], r["response"]) for r in unpaired]
+    require_answer_tokens(examples, training.max_seq_len, label)
     with reporter.phase(label, steps_for(len(examples), training), "steps") as bar:
         stats = train_kto(
             policy,
@@ -66,3 +71,15 @@ def fit_generation(
             bar,
         )
     return {**stats.to_dict(), "reference": reference.name}
+
+
+def require_answer_tokens(examples: list[Encoded], max_seq_len: int, label: str) -> None:
+    """Every example keeps at least one token with loss; a prompt that fills training.max_seq_len would
+    otherwise train on nothing and look like a finished generation."""
+    empty = [i for i, e in enumerate(examples) if all(label_id == IGNORE for label_id in e.labels[1:])]
+    if empty:
+        raise NothingToTrain(
+            f"{label}: {len(empty)} of {len(examples)} examples have no answer token left after truncation to "
+            f"training.max_seq_len {max_seq_len} (the first is example {empty[0]}, "
+            f"{len(examples[empty[0]].input_ids)} tokens); raise training.max_seq_len"
+        )

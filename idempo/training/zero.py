@@ -105,7 +105,15 @@ class ZeroPolicy(LoraPolicy):
         return EngineUpdates(self.engine)
 
     def shard_plan(self, plan: list[list[list[int]]]) -> list[list[list[int]]]:
-        return shard_plan(plan, torch.distributed.get_rank(), torch.distributed.get_world_size())
+        return shard_plan(plan, *self.rank_and_world())
+
+    def rank_and_world(self) -> tuple[int, int]:
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+    def sum_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
+        total = value.detach().clone().to(self.engine.device if self.engine is not None else value.device)
+        torch.distributed.all_reduce(total)
+        return total.to(value.device)
 
     def save(self, path: Path) -> None:
         """The adapter gathered from the shards; written by rank 0."""
@@ -179,8 +187,9 @@ class ZeroWorker:
         )
         init_process_group()
 
-    def fit(self, cycle: int, rows: list[dict], seeds: tuple[int, int], start, out: str, label: str) -> dict:
-        """Train from `start` (None: fresh adapters drawn from seeds[0]) with seeds[1]; save to `out`."""
+    def fit(self, cycle: int, rows: list[dict], seeds: tuple[int, int], start, previous, out: str, label: str) -> dict:
+        """Train from `start` (None: fresh adapters drawn from seeds[0]) with seeds[1]; save to `out`.
+        `previous` is M_{j-1} (the reference under `preference.reference: previous`)."""
         from idempo.models import INITIAL
         from idempo.progress import Reporter
         from idempo.training.regimes import fit_generation
@@ -190,7 +199,16 @@ class ZeroWorker:
         try:
             reporter = Reporter(enabled=False)
             stats = fit_generation(
-                policy, self.tokenizer, self.config, cycle, rows, train_seed, start or INITIAL, reporter, label
+                policy,
+                self.tokenizer,
+                self.config,
+                cycle,
+                rows,
+                train_seed,
+                start or INITIAL,
+                previous,
+                reporter,
+                label,
             )
             policy.save(Path(out))
         finally:

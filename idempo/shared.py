@@ -1,0 +1,242 @@
+"""Work that several trials of a sweep share, done once: M_init's evaluation and the seed stage.
+
+Trials whose stage reads the same inputs (`stage_inputs`) get the same stage. The first trial to reach
+it runs it in its own trial dir, under a lock, and publishes the files to
+`<sweep>/shared/<stage>-<key>/`; a trial that reaches it later (or waits on the lock meanwhile) links the
+published files into its own cycle dir. Hard links where the filesystem allows (copies elsewhere), so
+the replicas' M_seed adapters are byte-identical files and no space is spent twice. Each trial dir stays
+complete on its own: reports, resume and `idempo eval` read it as any other.
+
+Why it matters: on a GPU a retrain with the same seed is not bitwise the same model, and the paper's
+replication study (Figure 14) separates "same M_seed, new seeds for M >= 1" from "retrained M_seed".
+Sharing makes the first literal. The lock is a POSIX record lock (`lockf`), which NFS carries across
+nodes, so trials on several nodes share through the sweep's storage.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from idempo.artifacts import (
+    INIT_CYCLE,
+    SEED_CYCLE,
+    TrialLayout,
+    atomic_dir,
+    read_json,
+    read_jsonl,
+    write_json,
+    write_jsonl,
+)
+from idempo.config import ExperimentConfig
+
+STAGES = {INIT_CYCLE: "init", SEED_CYCLE: "seed"}
+FORMAT = 1  # part of every key: a change in what a stage writes starts new entries
+
+# How hard an endpoint is leaned on, not what it answers: never part of a key.
+_ENDPOINT_PACE = (
+    "concurrency",
+    "timeout_s",
+    "max_retries",
+    "backoff_s",
+    "max_backoff_s",
+    "price_input_per_mtok",
+    "price_output_per_mtok",
+    "cache",
+    "api_key_env",
+)
+
+
+def stage_inputs(config: ExperimentConfig, cycle: int) -> dict[str, Any]:
+    """Everything the stage's results depend on (and nothing else), so that equal inputs mean equal work."""
+    data = config.to_dict()
+    evaluation = _judged_evaluation(data["evaluation"])
+    if cycle == INIT_CYCLE:
+        return {
+            "model": data["model"],
+            "loading": data["loading"],
+            "persona": data["persona"],
+            "prompts.eval": data["prompts"]["eval"],
+            "evaluation": evaluation,
+            "sampling": {k: data["sampling"][k] for k in ("backend", "batch_size", "vllm")},
+            "seeding.seed": data["seeding"]["seed"],  # the seed of M_init's evaluation
+            "completion": config.regime == "sdf",
+        }
+    seed_regime = "sft" if config.regime == "self_reward" else config.regime  # self_reward seeds by SFT
+    inputs = {k: v for k, v in data.items() if k not in ("cycles", "seed", "n_sampled", "init", "rejected")}
+    inputs.update(regime=seed_regime, evaluation=evaluation)
+    inputs.pop("cycle_data")
+    inputs["sampling"] = {k: v for k, v in data["sampling"].items() if k != "temperature"}  # cycles' only
+    if seed_regime in ("dpo", "kto"):
+        weights = ("desirable_weight", "undesirable_weight") if seed_regime == "kto" else ()
+        inputs["preference"] = {k: data["preference"][k] for k in weights}
+    else:
+        inputs.pop("beta")
+        inputs.pop("preference")
+    if data["seeding"].get("teacher"):
+        inputs["seeding"] = {**data["seeding"], "teacher": _without_pace(data["seeding"]["teacher"])}
+    return inputs
+
+
+def stage_key(config: ExperimentConfig, cycle: int) -> str:
+    """A digest of the stage's inputs, with the contents of the files they name (persona, prompts, D_seed)."""
+    inputs = stage_inputs(config, cycle)
+    files = {path: _file_digest(path) for path in sorted(_file_values(inputs))}
+    text = json.dumps({"format": FORMAT, "stage": STAGES[cycle], "inputs": inputs, "files": files}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def stage_groups(configs: dict[str, ExperimentConfig], cycle: int) -> dict[str, list[str]]:
+    """Trial names by the key of their stage: each group runs the stage once."""
+    groups: dict[str, list[str]] = {}
+    for name, config in configs.items():
+        groups.setdefault(stage_key(config, cycle), []).append(name)
+    return groups
+
+
+class SharedStages:
+    """A sweep's store of shared stages under `root`; `cycles` names the stages that are shared."""
+
+    def __init__(self, root: str | Path, cycles: tuple[int, ...] = (INIT_CYCLE, SEED_CYCLE)):
+        self.root = Path(root)
+        self.cycles = cycles
+
+    def covers(self, cycle: int) -> bool:
+        return cycle in self.cycles
+
+    def run(
+        self,
+        cycle: int,
+        config: ExperimentConfig,
+        layout: TrialLayout,
+        produce: Callable[[dict], None],
+        say: Callable[[str], None] = lambda message: None,
+    ) -> None:
+        """Give the trial at `layout` the stage: link it from the store, or `produce(note)` it in the trial's
+        own dir (the note goes into its metrics.json) and publish it."""
+        key = stage_key(config, cycle)
+        entry = self.root / f"{STAGES[cycle]}-{key}"
+        started = time.perf_counter()
+        with _locked(
+            self.root / f".{entry.name}.lock", lambda: say(f"waiting for {entry.name}: another trial runs it")
+        ):
+            if (entry / "stage.json").exists():
+                _import(entry, layout, cycle, time.perf_counter() - started)
+                return
+            produce({"key": key, "entry": entry.name, "origin": layout.root.name, "reused": False})
+            _publish(entry, layout, cycle, key)
+
+
+def _import(entry: Path, layout: TrialLayout, cycle: int, waited: float) -> None:
+    """The entry's files into the trial's cycle dir, metrics.json last: the cycle is complete at the rename."""
+    stage = read_json(entry / "stage.json")
+    metrics = read_json(entry / "cycle" / "metrics.json")
+    metrics.pop("judge_usage", None)  # paid by the trial that ran the stage, not by this one
+    if isinstance(metrics.get("data"), dict):
+        metrics["data"].pop("teacher_usage", None)
+    metrics["shared"] = {
+        "key": stage["key"],
+        "entry": entry.name,
+        "origin": stage["origin"],
+        "reused": True,
+        "origin_timing_s": metrics.get("timing_s"),
+    }
+    metrics["timing_s"] = {"shared_wait": round(waited, 3), "total": round(waited, 3)}
+    if (entry / "initial-answers.jsonl").exists():  # M_init's answers to D_seed's prompts (dpo, kto)
+        existing = read_jsonl(layout.initial_answers) if layout.initial_answers.exists() else []
+        known = {row["prompt"]: row["response"] for row in existing}
+        known.update({row["prompt"]: row["response"] for row in read_jsonl(entry / "initial-answers.jsonl")})
+        write_jsonl(layout.initial_answers, [{"prompt": p, "response": r} for p, r in known.items()])
+    with atomic_dir(layout.cycle_dir(cycle)) as tmp:
+        _link_tree(entry / "cycle", tmp, skip={"metrics.json"})
+        write_json(tmp / "metrics.json", metrics)
+
+
+def _publish(entry: Path, layout: TrialLayout, cycle: int, key: str) -> None:
+    """The trial's finished stage into the store; stage.json, written last, says the entry is complete."""
+    if not layout.is_complete(cycle):
+        raise RuntimeError(f"{layout.cycle_dir(cycle)} is not complete; nothing to publish")
+    entry.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(entry / "cycle") as tmp:
+        _link_tree(layout.cycle_dir(cycle), tmp)
+    if cycle == SEED_CYCLE and layout.initial_answers.exists():
+        prompts = {row["prompt"] for row in read_jsonl(layout.data(SEED_CYCLE))}
+        rows = [row for row in read_jsonl(layout.initial_answers) if row["prompt"] in prompts]
+        write_jsonl(entry / "initial-answers.jsonl", rows)
+    write_json(
+        entry / "stage.json",
+        {"key": key, "stage": STAGES[cycle], "origin": layout.root.name, "origin_dir": str(layout.root)},
+    )
+
+
+def _link_tree(source: Path, target: Path, skip: set[str] = frozenset()) -> None:
+    """Hard links of every visible file under `source` at the same place under `target` (copies where the
+    filesystem cannot link): published files are never written again, so sharing an inode is safe."""
+    for path in sorted(source.rglob("*")):
+        relative = path.relative_to(source)
+        if any(part.startswith(".") for part in relative.parts) or (len(relative.parts) == 1 and path.name in skip):
+            continue
+        destination = target / relative
+        if path.is_dir():
+            destination.mkdir(parents=True, exist_ok=True)
+            continue
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(path, destination)
+        except OSError:
+            shutil.copy2(path, destination)
+
+
+@contextmanager
+def _locked(path: Path, on_wait: Callable[[], None]) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        try:
+            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            on_wait()
+            fcntl.lockf(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.lockf(handle, fcntl.LOCK_UN)
+
+
+def _judged_evaluation(evaluation: dict[str, Any]) -> dict[str, Any]:
+    """The evaluation settings that change what is measured (not the verdict rule, the cache, the pace)."""
+    kept = {k: v for k, v in evaluation.items() if k not in ("amplification", "cache_dir")}
+    for name in ("judge", "coherence_judge"):
+        if kept.get(name):
+            kept[name] = _without_pace(kept[name])
+    return kept
+
+
+def _without_pace(endpoint: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in endpoint.items() if k not in _ENDPOINT_PACE}
+
+
+def _file_values(data: Any) -> set[str]:
+    """Strings in `data` that name existing files (a persona file, a seed file, a prompt bank)."""
+    if isinstance(data, dict):
+        return set().union(*(_file_values(v) for v in data.values())) if data else set()
+    if isinstance(data, list):
+        return set().union(*(_file_values(v) for v in data)) if data else set()
+    if isinstance(data, str) and data.startswith("/") and Path(data).is_file():
+        return {data}
+    return set()
+
+
+def _file_digest(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
