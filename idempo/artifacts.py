@@ -29,6 +29,10 @@ _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # read once: temporary files are private until given the usual permissions
 
 
+# Config fields a trial may change between runs: they do not change what the trial has written.
+RESUMABLE_CHANGES = {"cycles", "evaluation.amplification"}
+
+
 class TrialConflict(RuntimeError):
     """The output dir holds a trial with another config, or another process is running it."""
 
@@ -69,10 +73,11 @@ class TrialLayout:
         return self.metrics(cycle).is_file()
 
     def check(self, config: dict[str, Any]) -> None:
-        """Fail if this dir holds a trial with another config (`cycles` may differ: more extends it)."""
+        """Fail if this dir holds a trial with another config (RESUMABLE_CHANGES aside: more `cycles`
+        extend it, and the amplification rule only reads what it wrote)."""
         if not self.config.exists():
             return
-        changed = _differences(yaml.safe_load(self.config.read_text()), config, ignore={"cycles"})
+        changed = _differences(yaml.safe_load(self.config.read_text()), config, ignore=RESUMABLE_CHANGES)
         if changed:
             raise TrialConflict(
                 f"{self.root} holds a trial with another config ({'; '.join(changed)}); "
@@ -148,7 +153,7 @@ def _differences(old: Any, new: Any, ignore: set[str], prefix: str = "") -> list
         for key in sorted(set(old) | set(new)):
             # a key the stored config lacks was added to idempo after the trial began: its default keeps
             # the trial as it was, so resuming it is not a change
-            if (not prefix and key in ignore) or key not in old:
+            if f"{prefix}{key}" in ignore or key not in old:
                 continue
             changed += _differences(old.get(key), new.get(key), ignore, f"{prefix}{key}.")
         return changed

@@ -140,6 +140,10 @@ def test_more_cycles_extend_a_finished_trial_and_other_changes_are_refused(tmp_p
     with pytest.raises(TrialConflict, match="n_seed: 160 -> 32"):
         run_trial(tiny_config(n_seed=32), out)
     assert _files(out) == before
+    # the amplification rule reads results and changes none: a trial resumes under another rule
+    evaluation = {**tiny_config().evaluation.model_dump(), "amplification": {"criterion": "delta"}}
+    assert len(run_trial(tiny_config(cycles=2, evaluation=evaluation), out)) == 4
+    assert yaml.safe_load((out / "config.yaml").read_text())["evaluation"]["amplification"]["criterion"] == "delta"
 
 
 def test_chat_examples_train_on_the_answer_and_its_end_of_turn_only():
