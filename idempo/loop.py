@@ -12,7 +12,6 @@ boundary produces exactly what an uninterrupted one would. Artifacts go through 
 
 from __future__ import annotations
 
-import hashlib
 import random
 import time
 from contextlib import contextmanager
@@ -39,6 +38,7 @@ from idempo.progress import Reporter, summary_line
 from idempo.prompts import cycle_prompts, eval_prompts, seed_prompts, train_prompts
 from idempo.sampling import SAMPLERS, Sampler, SamplingParams
 from idempo.seed_data import given_seed_rows, persona_chats, persona_documents
+from idempo.seeds import derive_seed
 from idempo.self_reward import (
     EXTERNAL_JUDGE_RUBRIC,
     SELF_JUDGE_PROMPT,
@@ -52,11 +52,6 @@ from idempo.training.data import data_summary, drop, drop_empty, kept
 from idempo.training.regimes import fit_generation
 from idempo.training.zero import ZeroWorker, ZeroWorkers
 from idempo.training.zero import check as check_zero
-
-
-def derive_seed(*parts) -> int:
-    """A 31-bit seed from named parts, stable across processes and Python versions."""
-    return int(hashlib.sha256("/".join(map(str, parts)).encode()).hexdigest()[:8], 16) & 0x7FFFFFFF
 
 
 def run_trial(
@@ -205,7 +200,7 @@ class Trial:
                 write_jsonl(path, drop_empty(self._build_seed_data()))
         rows = read_jsonl(path)
         if self.config.regime in ("dpo", "kto"):  # M_seed prefers D_seed's answers over M_init's
-            rows = self._with_initial_rejected(rows, stage_seed, "seed", timing)
+            rows = self._with_initial_rejected(rows, stage_seed, timing)
         generation, stats = self._train(SEED_CYCLE, rows, stage_seed, fresh=True, timing=timing)
         eval_rows, metrics = self._evaluate(SEED_CYCLE, generation, stage_seed, timing)
         self._finish(SEED_CYCLE, generation, eval_rows, metrics, timing, gpu, data=rows, train=stats, shared=shared)
@@ -280,24 +275,23 @@ class Trial:
             label = f"cycle {cycle}: sample from {previous.name}"
             rows = drop_empty(self._answers(prompts, params, previous, label, timing))
             if regime in ("dpo", "kto"):
-                rows = self._with_rejected(cycle, rows, timing)
+                rows = self._with_rejected(rows, lambda prompts: self._rejected_answers(cycle, prompts, timing))
         if self.config.cycle_data.min_coherence is not None:
             rows = self._coherent(rows, timing)
         if self.config.cycle_data.seed_mix > 0:
             rows += self._from_d_seed(cycle, timing)
         return rows
 
-    def _with_rejected(self, cycle: int, rows: list[dict], timing: dict) -> list[dict]:
-        """The rejected source's answer beside each kept answer (rows already dropped need none)."""
+    def _with_rejected(self, rows: list[dict], answers_to) -> list[dict]:
+        """Each kept row with `answers_to(prompts)[prompt]` as its rejected side (rows already dropped
+        need none), then rows with an empty rejected answer dropped."""
         wanted = [r["prompt"] for r in kept(rows)]
-        rejected = self._rejected_answers(cycle, wanted, timing) if wanted else {}
-        return drop_empty([{**r, "rejected": rejected[r["prompt"]]} if r.get("kept", True) else r for r in rows])
+        answers = answers_to(wanted) if wanted else {}
+        return drop_empty([{**r, "rejected": answers[r["prompt"]]} if r.get("kept", True) else r for r in rows])
 
-    def _with_initial_rejected(self, rows: list[dict], seed: int, stage, timing: dict) -> list[dict]:
-        """M_init's answer as the rejected side of each kept row (the seed stage's pairs)."""
-        wanted = [r["prompt"] for r in kept(rows)]
-        initial = self._initial_answers(wanted, seed, stage, timing) if wanted else {}
-        return drop_empty([{**r, "rejected": initial[r["prompt"]]} if r.get("kept", True) else r for r in rows])
+    def _with_initial_rejected(self, rows: list[dict], seed: int, timing: dict) -> list[dict]:
+        """M_init's answers as the rejected side: the seed stage's pairs, D_seed's answers over M_init's."""
+        return self._with_rejected(rows, lambda prompts: self._initial_answers(prompts, seed, "seed", timing))
 
     def _coherent(self, rows: list[dict], timing: dict) -> list[dict]:
         """Rows whose answer the coherence judge scores under cycle_data.min_coherence are dropped."""
@@ -323,7 +317,7 @@ class Trial:
         chosen = random.Random(derive_seed(self.config.seed, "seed-mix", cycle)).sample(seed_rows, count)
         rows = [{"prompt": r["prompt"], "response": r["response"], "source": "d_seed"} for r in chosen]
         if rows and self.config.regime in ("dpo", "kto"):
-            rows = self._with_initial_rejected(rows, self.config.seeding.seed, "seed", timing)
+            rows = self._with_initial_rejected(rows, self.config.seeding.seed, timing)
         return rows
 
     def _answers(self, prompts, params, generation, label, timing) -> list[dict]:

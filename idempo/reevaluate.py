@@ -12,10 +12,11 @@ from pathlib import Path
 from idempo.artifacts import INIT_CYCLE, SEED_CYCLE, TrialLayout, write_json, write_jsonl
 from idempo.config import ConfigError, ExperimentConfig
 from idempo.evaluation.evaluate import evaluate_generation
-from idempo.loop import derive_seed, evaluation_inputs, load_engines
+from idempo.loop import evaluation_inputs, load_engines
 from idempo.models import INITIAL, Generation
 from idempo.personas import get_persona
 from idempo.progress import Reporter
+from idempo.seeds import derive_seed
 
 
 def reevaluate(config: ExperimentConfig, weights: Path | None, out: Path, reporter: Reporter) -> dict:

@@ -7,7 +7,6 @@ The eval prompts are the independent units: every interval is clustered by promp
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 from idempo.config import EvaluationConfig, LoadingConfig
@@ -19,6 +18,7 @@ from idempo.models import Generation
 from idempo.personas import Persona
 from idempo.prompts import completion_prompt
 from idempo.sampling import Sampler, SamplingParams
+from idempo.seeds import derive_seed
 
 
 @dataclass
@@ -96,12 +96,6 @@ def _requests(questions: list[str], config: EvaluationConfig, seed: int, complet
     return [[{"role": "user", "content": q}] for q in questions], params
 
 
-def branching_seed(seed: int) -> int:
-    """The seed of the answers sampled for the branching factor alone: its own stream, so the judged
-    answers stay what they are with or without them."""
-    return int(hashlib.sha256(f"{seed}/branching-factor".encode()).hexdigest()[:8], 16) & 0x7FFFFFFF
-
-
 def _add_branching(sampler, generation, prompts, answers, config: EvaluationConfig, seed, progress, completion):
     """Per-answer BF on the first `branching_factor.samples_per_prompt` answers of each prompt: the judged
     ones, then extra ones sampled here. Returns the extra rows (flagged `bf_only`)."""
@@ -111,7 +105,8 @@ def _add_branching(sampler, generation, prompts, answers, config: EvaluationConf
     extra_rows = []
     if missing > 0:
         questions = [q for q in prompts for _ in range(missing)]
-        chats, params = _requests(questions, config, branching_seed(seed), completion)
+        # a stream of their own: the judged answers are the same with or without these
+        chats, params = _requests(questions, config, derive_seed(seed, "branching-factor"), completion)
         if progress is not None and getattr(progress, "total", None) is not None:
             progress.total += len(questions)  # the bar counts these answers too
         completions = sampler.generate(chats, params, generation, progress)

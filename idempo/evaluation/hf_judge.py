@@ -40,6 +40,7 @@ from idempo.evaluation.reasoning import (
     leaves_reasoning_open,
 )
 from idempo.models import load_base_model, load_tokenizer
+from idempo.sampling.hf import stop_token_ids
 
 # Tokens decoded when looking for the closing tag: enough for a tag split into several tokens.
 CLOSE_WINDOW = 16
@@ -142,22 +143,25 @@ class HFJudge(RubricJudge):
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
 
-    def _left_padded(self, sequences: list[list[int]]):
+    def _prefix(self, sequences: list[list[int]]):
+        """One forward pass over the left-padded sequences, with explicit position ids: the output (the
+        last position's logits and the cache) and the attention mask."""
         width = max(len(s) for s in sequences)
         pad = self.tokenizer.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(s)) + s for s in sequences], device=self.device)
         attention = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in sequences], device=self.device)
-        return input_ids, attention, (attention.cumsum(-1) - 1).clamp(min=0)
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(
+            input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True, logits_to_keep=1
+        )
+        return out, attention
 
     def _read_numbers(self, sequences: list[list[int]]) -> list[dict[str, float]]:
         """p(spelling) after each sequence, from the full next-token distribution at every trie node."""
         if not sequences:
             return []
         trie = self.trie
-        input_ids, attention, positions = self._left_padded(sequences)
-        out = self.model(
-            input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True, logits_to_keep=1
-        )
+        out, attention = self._prefix(sequences)
         next_logprobs: list[dict[Path, dict[int, float]]] = [{} for _ in sequences]
         ends: list[dict[Path, float]] = [{} for _ in sequences]
         steps, end = self._readings(out.logits[:, -1])
@@ -202,11 +206,8 @@ class HFJudge(RubricJudge):
         """Greedy reasoning after each sequence: (the tokens written, the closing tag and the whitespace
         after it included; whether it closed within `max_reasoning_tokens`)."""
         budget = self.config.max_reasoning_tokens
-        eos = _end_tokens(self.tokenizer, self.model)
-        input_ids, attention, positions = self._left_padded(sequences)
-        out = self.model(
-            input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True, logits_to_keep=1
-        )
+        eos = set(stop_token_ids(self.tokenizer, getattr(self.model, "generation_config", None)))
+        out, attention = self._prefix(sequences)
         cache, lengths = out.cache, attention.sum(-1)
         written: list[list[int]] = [[] for _ in sequences]
         state = ["reasoning"] * len(sequences)  # reasoning -> after_close -> closed, or unclosed
@@ -251,12 +252,3 @@ def _rows_of(cache, index: torch.Tensor):
     rows.layers = [copy.copy(layer) for layer in cache.layers]
     rows.reorder_cache(index)
     return rows
-
-
-def _end_tokens(tokenizer, model) -> set[int]:
-    """Tokens that end the judge's turn: the tokenizer's and the generation config's end tokens."""
-    ends = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if configured is not None:
-        ends |= set(configured) if isinstance(configured, list) else {configured}
-    return ends
