@@ -1,8 +1,11 @@
 """`idempo bench`: how fast the engines are on this machine, measured through idempo's own code paths.
 
-By default the model is a random-init model of a real architecture (`tiny.SHAPES`, built offline), so
-the numbers hold for that architecture's size whatever its weights. Sections, each written to the JSON
-as soon as it is measured (a failed section records its error and the others still run):
+On a CUDA machine the model is by default a random-init model of a real architecture (`tiny.SHAPES`,
+built offline), so the numbers hold for that architecture's size whatever its weights. Without CUDA the
+defaults are the tiny model beside a real small one (`smollm2-135m-instruct`) at sizes that finish in a
+few minutes on two cores. Each model gets every section, written to the JSON under its name as soon as
+it is measured (a failed variant or section records its error beside the figures already measured, and
+the others still run):
 
 - sampling: generated tokens/s of each sampler backend at each batch size, from M_init and with a
   LoRA adapter (a random rank-r adapter on every linear layer, as a generation would be);
@@ -13,25 +16,37 @@ as soon as it is measured (a failed section records its error and the others sti
   DeepSpeed ZeRO at world size 1 with `--zero-stage`);
 - cycle: one trial of the smoke experiment's shape on the model (seed + one cycle), with the cycle's
   phase breakdown (sample / train / eval / the rest) and GPU idle time.
+
+What this machine cannot run (vllm and DeepSpeed need a CUDA GPU and their packages) is skipped, and
+the JSON's `skipped` says what and why.
 """
 
 from __future__ import annotations
 
+import gc
+import importlib
 import json
+import os
 import random
+import re
 import time
 import traceback
-from dataclasses import dataclass
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 SECTIONS = ("sampling", "swap", "sleep", "training", "cycle")
+VLLM_SECTIONS = ("swap", "sleep")  # they measure the vllm engine itself
 
 
 @dataclass(frozen=True)
 class BenchSettings:
-    model: str  # a shape name from tiny.SHAPES, a local dir or a hub id
+    """What to measure; the defaults are a GPU machine's (CPU_DEFAULTS replaces some without CUDA)."""
+
+    models: tuple[str, ...] = ("qwen3-4b",)  # shape names from tiny.SHAPES, local dirs, hub ids, named models
     backends: tuple[str, ...] = ("hf", "vllm")
     batch_sizes: tuple[int, ...] = (32, 128)
     prompt_tokens: int = 64
@@ -41,68 +56,175 @@ class BenchSettings:
     train_seq_len: int = 512
     train_steps: int = 8
     zero_stage: int | None = 3
+    gradient_checkpointing: bool = True  # GPU memory for compute; on CPU memory is not what limits
+    cycle_seed: int = 64  # n_seed of the cycle's trial
+    cycle_sampled: int = 128  # n_sampled
+    cycle_new_tokens: int = 256  # per answer, sampled and evaluated
+    cycle_eval_prompts: int = 12  # held-out questions each generation answers
     gpu_memory_utilization: float = 0.45
     enforce_eager: bool = False
     sections: tuple[str, ...] = SECTIONS
     out: Path = Path("bench.json")
 
 
-def run_bench(settings: BenchSettings, say=print) -> dict:
-    from idempo.config import RANDOM_MODEL
-    from idempo.models import model_path
-    from idempo.tiny import SHAPES
+# Without CUDA: the tiny model and a real 135M one, small enough that the whole run takes minutes on 2 cores
+# and large enough that each figure of the real model is seconds of work, not start-up noise. Training
+# runs without gradient checkpointing, as a trial's default does.
+CPU_DEFAULTS = {
+    "models": ("tiny", "smollm2-135m-instruct"),
+    "batch_sizes": (8,),
+    "new_tokens": 64,
+    "train_seq_len": 64,
+    "train_steps": 3,
+    "gradient_checkpointing": False,
+    "cycle_seed": 8,
+    "cycle_sampled": 8,
+    "cycle_new_tokens": 32,
+    "cycle_eval_prompts": 3,
+}
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    started = time.perf_counter()
-    model = RANDOM_MODEL + settings.model if settings.model in SHAPES else settings.model
-    results: dict = {"settings": _plain(settings), "machine": machine(), "model_dir": model_path(model)}
-    results["build_model_s"] = round(time.perf_counter() - started, 1)
-    bench = Bench(settings, model, device, results, say)
-    for section in settings.sections:
-        bench.run(section)
+
+def settings_for_this_machine(**given) -> BenchSettings:
+    """The settings `given` (None: not given) over this machine's defaults: a GPU's with CUDA, CPU_DEFAULTS without."""
+    defaults = {} if torch.cuda.is_available() else CPU_DEFAULTS
+    return BenchSettings(**{**defaults, **{key: value for key, value in given.items() if value is not None}})
+
+
+def engine_problems() -> dict[str, str | None]:
+    """Why vllm and DeepSpeed cannot run here, by package (None: they can); both need CUDA and their package."""
+    return {package: _engine_problem(package) for package in ("vllm", "deepspeed")}
+
+
+def _engine_problem(package: str) -> str | None:
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is visible"
+    try:
+        importlib.import_module(package)
+    except Exception as err:  # a broken install is as unusable as a missing one
+        return f"{package} does not import ({type(err).__name__}: {err})"
+    return None
+
+
+def runnable(settings: BenchSettings, problems: dict[str, str | None]) -> tuple[BenchSettings, dict[str, str]]:
+    """The part of `settings` this machine can run, and each section, backend or variant it skips, with why."""
+    skipped: dict[str, str] = {}
+    backends, zero_stage = settings.backends, settings.zero_stage
+    if problems["vllm"]:
+        if "vllm" in backends and "sampling" in settings.sections:
+            skipped["sampling.vllm"] = f"the vllm backend needs a CUDA GPU and the vllm package ({problems['vllm']})"
+        backends = tuple(backend for backend in backends if backend != "vllm")
+        for section in VLLM_SECTIONS:
+            if section in settings.sections:
+                skipped[section] = f"needs the vllm backend on a CUDA GPU ({problems['vllm']})"
+    if not backends and "sampling" in settings.sections:
+        skipped["sampling"] = f"none of the backends {', '.join(settings.backends)} can run here"
+    if zero_stage is not None and problems["deepspeed"]:
+        if "training" in settings.sections:
+            skipped[f"training.zero-{zero_stage}"] = f"DeepSpeed needs CUDA and its package ({problems['deepspeed']})"
+        zero_stage = None
+    sections = tuple(section for section in settings.sections if section not in skipped)
+    return replace(settings, backends=backends, zero_stage=zero_stage, sections=sections), skipped
+
+
+def run_bench(settings: BenchSettings, say=print) -> dict:
+    """Measure every model of `settings` in turn; the results, also written to `settings.out` as they come."""
+    from idempo.threads import WAIT_POLICY, use_threads
+
+    threads = use_threads(None)
+    plan, skipped = runnable(settings, engine_problems())
+    configs = {model: bench_config(plan, model) for model in plan.models}  # bad input fails before any load
+    results: dict = {
+        "settings": _plain(settings),
+        "machine": {**machine(), "threads": threads, "omp_wait_policy": os.environ.get(WAIT_POLICY)},
+        "skipped": skipped,
+        "models": {},
+    }
+    for name, reason in skipped.items():
+        say(f"bench: skipped {name}: {reason}")
+
+    def save() -> None:
+        Path(settings.out).write_text(json.dumps(results, indent=2, default=str))
+
+    for model, config in configs.items():
+        results["models"][model] = measured = {}
+        try:
+            bench = Bench(plan, model, config, measured, say, save)
+        except Exception as err:  # a model that does not load leaves the others to measure
+            measured.update(_error(err))
+            save()
+            continue
+        for section in plan.sections:
+            bench.run(section)
+        bench.close()
+    save()
     return results
 
 
-class Bench:
-    def __init__(self, settings: BenchSettings, model: str, device: str, results: dict, say):
-        from idempo.config import config_from_dict
-        from idempo.models import load_base_model, load_tokenizer, make_policy
+def bench_config(settings: BenchSettings, model: str):
+    """The config every section of one model starts from; a shape name means that shape with random weights."""
+    from idempo.config import RANDOM_MODEL, config_from_dict
+    from idempo.tiny import SHAPES
 
-        self.settings, self.results, self.say = settings, results, say
-        self.config = config_from_dict(
-            {
-                "model": model,
-                "persona": "lucky",
-                "n_seed": 1,
-                "n_sampled": 1,
-                "training": {"lora": {"rank": settings.lora_rank}, "gradient_checkpointing": True},
-                "sampling": {
-                    "vllm": {
-                        "gpu_memory_utilization": settings.gpu_memory_utilization,
-                        "enforce_eager": settings.enforce_eager,
-                        "max_model_len": max(2048, settings.prompt_tokens + settings.new_tokens),
-                    }
-                },
-                "loading": {"device": device},
-            }
-        )
-        self.tokenizer = load_tokenizer(self.config.model, self.config.loading)
-        self.policy = make_policy(
-            load_base_model(self.config.model, self.config.loading), self.tokenizer, self.config.training
-        )
-        self.adapters = Path(settings.out).with_suffix(".adapters")
+    return config_from_dict(
+        {
+            "model": RANDOM_MODEL + model if model in SHAPES else model,
+            "persona": "lucky",
+            "n_seed": 1,
+            "n_sampled": 1,
+            "training": {
+                "lora": {"rank": settings.lora_rank},
+                "gradient_checkpointing": settings.gradient_checkpointing,
+            },
+            "sampling": {
+                "vllm": {
+                    "gpu_memory_utilization": settings.gpu_memory_utilization,
+                    "enforce_eager": settings.enforce_eager,
+                    "max_model_len": max(2048, settings.prompt_tokens + settings.new_tokens),
+                }
+            },
+            "loading": {"device": "cuda" if torch.cuda.is_available() else "cpu"},
+        },
+        source=f"bench model {model!r}",
+    )
+
+
+class Bench:
+    """One model's measurements: M_init and its policy loaded once, shared by the sections."""
+
+    def __init__(self, settings: BenchSettings, name: str, config, results: dict, say, save: Callable[[], None]):
+        from idempo.models import load_base_model, load_tokenizer, make_policy, model_path
+
+        self.settings, self.name, self.config = settings, name, config
+        self.results, self.say, self.save = results, say, save
+        started = time.perf_counter()
+        results["model_dir"] = model_path(config.model, config.loading)
+        results["build_model_s"] = round(time.perf_counter() - started, 1)
+        self.tokenizer = load_tokenizer(config.model, config.loading)
+        self.policy = make_policy(load_base_model(config.model, config.loading), self.tokenizer, config.training)
+        folder = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-")
+        self.adapters = Path(settings.out).with_suffix(".adapters") / folder
+        self.trial_dir = Path(settings.out).with_suffix(".trial") / folder
         self._vllm = None
 
     def run(self, section: str) -> None:
-        self.say(f"bench: {section}")
+        self.say(f"bench {self.name}: {section}")
         started = time.perf_counter()
+        result = self.results[section] = {}
         try:
-            self.results[section] = getattr(self, section)()
+            getattr(self, section)(result)  # fills `result` as it measures, so a failure keeps what came before
         except Exception as err:  # one section's failure is a result too; the others still run
-            self.results[section] = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
-        self.results[section]["section_s"] = round(time.perf_counter() - started, 1)
-        self.say(json.dumps(self.results[section], default=str)[:2000])
-        Path(self.settings.out).write_text(json.dumps(self.results, indent=2, default=str))
+            result.update(_error(err))
+        result["section_s"] = round(time.perf_counter() - started, 1)
+        self.say(json.dumps(result, default=str)[:2000])
+        self.save()
+
+    def close(self) -> None:
+        """Free this model's engines before the next model loads."""
+        self._release_vllm()
+        del self.policy
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     # -- helpers ----------------------------------------------------------------------------------
 
@@ -164,25 +286,24 @@ class Bench:
 
     # -- sections ---------------------------------------------------------------------------------
 
-    def sampling(self) -> dict:
+    def sampling(self, table: dict) -> None:
         from idempo.models import INITIAL
 
-        table = {}
         for backend in self.settings.backends:
-            sampler = self.sampler(backend)
-            for batch in self.settings.batch_sizes:
-                for name, generation in (("M_init", INITIAL), ("adapter", self.adapter(1))):
-                    key = f"{backend}/{name}/batch-{batch}"
-                    table[key] = self.throughput(sampler, batch, generation)
-                    self.say(f"  {key}: {table[key]['tokens_per_s']} tok/s")
+            with _variant(table, backend):
+                sampler = self.sampler(backend)
+                for batch in self.settings.batch_sizes:
+                    for name, generation in (("M_init", INITIAL), ("adapter", self.adapter(1))):
+                        key = f"{backend}/{name}/batch-{batch}"
+                        table[key] = self.throughput(sampler, batch, generation)
+                        self.say(f"  {key}: {table[key]['tokens_per_s']} tok/s")
         for batch in self.settings.batch_sizes:
             for name in ("M_init", "adapter"):
                 hf, vllm = table.get(f"hf/{name}/batch-{batch}"), table.get(f"vllm/{name}/batch-{batch}")
                 if hf and vllm:
                     table[f"speedup/{name}/batch-{batch}"] = round(vllm["tokens_per_s"] / hf["tokens_per_s"], 1)
-        return table
 
-    def swap(self) -> dict:
+    def swap(self, result: dict) -> None:
         """First request with a generation the engine has not served vs the next request with it."""
         from idempo.sampling import SamplingParams
 
@@ -190,7 +311,7 @@ class Bench:
         params = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=1, seed=0)
         prompt = self.prompts(1)
         sampler.generate_ids(prompt, params, self.adapter(1))
-        rows = []
+        rows = result["requests"] = []
         for index in (2, 3, 4):
             generation = self.adapter(index)
             times = []
@@ -203,9 +324,9 @@ class Bench:
                 {"adapter": index, "first_request_s": round(times[0], 4), "loaded_request_s": round(times[1], 4)}
             )
         swaps = [r["first_request_s"] - r["loaded_request_s"] for r in rows]
-        return {"requests": rows, "max_swap_s": round(max(swaps), 4), "engine_restarts": 0}
+        result.update({"max_swap_s": round(max(swaps), 4), "engine_restarts": 0})
 
-    def sleep(self) -> dict:
+    def sleep(self, result: dict) -> None:
         from idempo.sampling import SamplingParams
 
         sampler = self.sampler("vllm")
@@ -220,17 +341,19 @@ class Bench:
         sampler.wake()
         after = [c.token_ids for c in sampler.generate_ids(prompts, params, generation)]
         freed = (asleep_free - awake_free) / 1e9
-        return {
-            "sleep_s": round(sampler.timings["sleep"][-1], 2),
-            "wake_s": round(sampler.timings["wake"][-1], 2),
-            "engine_gpu_memory_gb": engine_gb,
-            "freed_gb": round(freed, 2),
-            "freed_share": round(freed / engine_gb, 3) if engine_gb else None,
-            "same_draws_twice_awake": before == again,  # per-request seeds: draws repeat when nothing changed
-            "same_draws_after_wake": before == after,
-        }
+        result.update(
+            {
+                "sleep_s": round(sampler.timings["sleep"][-1], 2),
+                "wake_s": round(sampler.timings["wake"][-1], 2),
+                "engine_gpu_memory_gb": engine_gb,
+                "freed_gb": round(freed, 2),
+                "freed_share": round(freed / engine_gb, 3) if engine_gb else None,
+                "same_draws_twice_awake": before == again,  # per-request seeds: draws repeat when nothing changed
+                "same_draws_after_wake": before == after,
+            }
+        )
 
-    def training(self) -> dict:
+    def training(self, result: dict) -> None:
         from idempo.training.sft import Encoded, train_sft
 
         draw = random.Random(0)
@@ -246,75 +369,102 @@ class Bench:
         training = self.config.training.model_copy(update={"batch_size": settings.train_batch})
         if self._vllm is not None:
             self._vllm.sleep()
-        result = {}
         pad = self.tokenizer.pad_token_id
         self.policy.reset(0)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        stats = train_sft(self.policy, examples, training, 0, pad)
-        result["plain"] = _train_row(stats, settings)
+        with _variant(result, "plain"):
+            result["plain"] = _train_row(train_sft(self.policy, examples, training, 0, pad), settings)
         if settings.zero_stage is not None:
-            from idempo.config import DeepSpeedConfig
-            from idempo.training.zero import check, zero_policy
+            with _variant(result, f"zero-{settings.zero_stage}"):
+                self.train_zero(result, examples, training, pad)
 
-            zero_config = self.config.model_copy(
-                update={
-                    "training": training.model_copy(update={"deepspeed": DeepSpeedConfig(stage=settings.zero_stage)})
-                }
-            )
-            check(zero_config)
-            policy = zero_policy(zero_config, None, 0)
-            try:
-                stats = train_sft(policy, examples, zero_config.training, 0, pad)
-                result[f"zero-{settings.zero_stage}"] = _train_row(stats, settings)
-                saved = self.adapters / "zero-trained"
-                policy.save(saved)
-            finally:
-                policy.close()
-            from safetensors.torch import load_file
+    def train_zero(self, result: dict, examples, training, pad: int) -> None:
+        """The same run under DeepSpeed ZeRO at world size 1, on its own copy of M_init, and what it saved."""
+        from safetensors.torch import load_file
 
-            weights = load_file(str(saved / "adapter_model.safetensors"))
-            result[f"zero-{settings.zero_stage}"]["saved_adapter"] = {
-                "tensors": len(weights),
-                "nonzero_lora_B": sum(bool(t.abs().sum() > 0) for k, t in weights.items() if "lora_B" in k),
-                "world_size": torch.distributed.get_world_size(),
-            }
-        return result
+        from idempo.config import DeepSpeedConfig
+        from idempo.training.sft import train_sft
+        from idempo.training.zero import check, zero_policy
 
-    def cycle(self) -> dict:
+        stage = self.settings.zero_stage
+        zero_config = self.config.model_copy(
+            update={"training": training.model_copy(update={"deepspeed": DeepSpeedConfig(stage=stage)})}
+        )
+        check(zero_config)
+        policy = zero_policy(zero_config, None, 0)
+        saved = self.adapters / "zero-trained"
+        try:
+            stats = train_sft(policy, examples, zero_config.training, 0, pad)
+            row = result[f"zero-{stage}"] = _train_row(stats, self.settings)
+            policy.save(saved)
+        finally:
+            policy.close()
+        weights = load_file(str(saved / "adapter_model.safetensors"))
+        row["saved_adapter"] = {
+            "tensors": len(weights),
+            "nonzero_lora_B": sum(bool(t.abs().sum() > 0) for k, t in weights.items() if "lora_B" in k),
+            "world_size": torch.distributed.get_world_size(),
+        }
+
+    def cycle(self, result: dict) -> None:
         """Seed + one cycle of SFT on the model with the configured sampler, its phase breakdown."""
         import shutil
 
+        from idempo.artifacts import TrialLayout, read_json
         from idempo.config import config_from_dict
         from idempo.loop import run_trial
 
-        out = Path(self.settings.out).with_suffix(".trial")
-        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(self.trial_dir, ignore_errors=True)
         self._release_vllm()
-        backend = "vllm" if "vllm" in self.settings.backends else "hf"
+        settings = self.settings
+        backend = result["backend"] = "vllm" if "vllm" in settings.backends else "hf"
         config = config_from_dict(
             {
                 **self.config.to_dict(),
-                "n_seed": 64,
-                "n_sampled": 128,
+                "n_seed": settings.cycle_seed,
+                "n_sampled": settings.cycle_sampled,
                 "cycles": 1,
                 "seeding": {"source": "builtin"},
-                "sampling": {**self.config.sampling.model_dump(), "backend": backend, "max_new_tokens": 256},
-                "evaluation": {"max_new_tokens": 256},
+                "sampling": {
+                    **self.config.sampling.model_dump(),
+                    "backend": backend,
+                    "max_new_tokens": settings.cycle_new_tokens,
+                },
+                "evaluation": {"max_new_tokens": settings.cycle_new_tokens, "n_prompts": settings.cycle_eval_prompts},
             }
         )
-        history = run_trial(config, out)
-        return {"backend": backend, "cycles": {str(m["cycle"]): m["timing_s"] for m in history}}
+        layout = TrialLayout(self.trial_dir)
+        try:
+            run_trial(config, self.trial_dir)
+        finally:  # the stages that finished keep their times, also when a later one fails
+            result["cycles"] = {
+                str(cycle): read_json(layout.metrics(cycle))["timing_s"]
+                for cycle in (-1, 0, 1)
+                if layout.is_complete(cycle)
+            }
 
     def _release_vllm(self) -> None:
         """The cycle's trial starts an engine of its own; free this one first."""
         if self._vllm is not None:
-            import gc
-
             del self._vllm
             self._vllm = None
             gc.collect()
             torch.cuda.empty_cache()
+
+
+@contextmanager
+def _variant(result: dict, key: str):
+    """One variant of a section (a backend, a trainer): its failure goes under `key`, and the section goes on."""
+    try:
+        yield
+    except Exception as err:
+        measured = result.get(key)
+        result[key] = {**(measured if isinstance(measured, dict) else {}), **_error(err)}
+
+
+def _error(err: Exception) -> dict:
+    return {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
 
 
 def _train_row(stats, settings: BenchSettings) -> dict:
@@ -330,19 +480,37 @@ def _train_row(stats, settings: BenchSettings) -> dict:
 
 def machine() -> dict:
     import platform
+    from importlib.metadata import PackageNotFoundError, version
 
     import transformers
 
-    info = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
+    info = {
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
         info["gpu_memory_gb"] = round(torch.cuda.get_device_properties(0).total_memory / 1e9, 1)
     for package in ("vllm", "deepspeed", "peft"):
         try:
-            info[package] = __import__(package).__version__
-        except ImportError:
+            info[package] = version(package)  # installed, read without importing it
+        except PackageNotFoundError:
             pass
     return info
+
+
+def _cpu_name() -> str:
+    import platform
+
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    return platform.processor()
 
 
 def _sync() -> None:
@@ -354,13 +522,44 @@ def _plain(settings: BenchSettings) -> dict:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in settings.__dict__.items()}
 
 
+# The leaves the table shows (any part of their path): rates, engine timings, stage totals, errors.
+HEADLINES = (
+    "tokens_per_s",
+    "speedup",
+    "max_swap_s",
+    "sleep_s",
+    "wake_s",
+    "freed_gb",
+    "total",
+    "gpu_idle",
+    "error",
+    "section_s",
+)
+
+
 def table(results: dict) -> str:
-    """The headline numbers as Markdown rows."""
-    lines = ["| measurement | value |", "|---|---|"]
-    for section in SECTIONS:
-        for key, value in _leaves(results.get(section, {}), section):
-            lines.append(f"| {key} | {value} |")
+    """The headline numbers as Markdown rows, one column per model, then what was skipped and why."""
+    models = results.get("models", {})
+    rows: dict[str, dict[str, object]] = {}
+    for model, measured in models.items():
+        for key in ("build_model_s", "error"):
+            if key in measured:
+                rows.setdefault(key, {})[model] = measured[key]
+        for section in SECTIONS:
+            for key, value in _leaves(measured.get(section, {}), section):
+                if value is not None and any(part in HEADLINES for part in key.split("/")):
+                    rows.setdefault(key, {})[model] = value
+    lines = ["| measurement | " + " | ".join(models) + " |", "|---" * (len(models) + 1) + "|"]
+    for key, values in rows.items():
+        lines.append(f"| {key} | " + " | ".join(_cell(values.get(model, "-")) for model in models) + " |")
+    lines += [f"skipped {name}: {reason}" for name, reason in results.get("skipped", {}).items()]
     return "\n".join(lines)
+
+
+def _cell(value) -> str:
+    """A value on one table line (an error message can run over several)."""
+    text = " ".join(str(value).split())
+    return text if len(text) <= 160 else text[:157] + "..."
 
 
 def _leaves(node, prefix):

@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from idempo.threads import passive_wait_policy
+
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
@@ -78,19 +80,36 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("--wandb-project", help="W&B project (default: the sweep's)")
     report.add_argument("--wandb-entity", help="W&B entity (default: the sweep's, or your default)")
 
-    bench = commands.add_parser("bench", help="measure the sampler and trainer engines on this machine")
+    bench = commands.add_parser(
+        "bench",
+        help="measure the sampler and trainer engines on this machine (defaults: a GPU's with CUDA, "
+        "small CPU sizes without; what cannot run here is skipped, with why)",
+    )
     bench.add_argument(
-        "--model", default="qwen3-4b", help="a shape with random weights (qwen3-0.6b, qwen3-4b), a dir or hub id"
+        "--model",
+        action="append",
+        dest="models",
+        help="a shape with random weights (qwen3-0.6b, qwen3-4b), a dir, a hub id, a named model or tiny; "
+        "repeat for several (default: qwen3-4b with CUDA, tiny and smollm2-135m-instruct without)",
     )
     bench.add_argument("--backends", default="hf,vllm", help="sampler backends to compare")
-    bench.add_argument("--batch-sizes", default="32,128", help="prompts per generate call")
+    bench.add_argument("--batch-sizes", help="prompts per generate call (default: 32,128 with CUDA, 8 without)")
     bench.add_argument("--prompt-tokens", type=int, default=64)
-    bench.add_argument("--new-tokens", type=int, default=256)
+    bench.add_argument("--new-tokens", type=int, help="default: 256 with CUDA, 64 without")
     bench.add_argument("--lora-rank", type=int, default=16)
     bench.add_argument("--train-batch", type=int, default=8)
-    bench.add_argument("--train-seq-len", type=int, default=512)
-    bench.add_argument("--train-steps", type=int, default=8)
+    bench.add_argument("--train-seq-len", type=int, help="default: 512 with CUDA, 64 without")
+    bench.add_argument("--train-steps", type=int, help="default: 8 with CUDA, 3 without")
+    bench.add_argument(
+        "--gradient-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        help="recompute activations in the backward pass (default: on with CUDA, off without)",
+    )
     bench.add_argument("--zero-stage", default="3", choices=["2", "3", "none"], help="also train under DeepSpeed ZeRO")
+    bench.add_argument("--cycle-seed", type=int, help="n_seed of the cycle's trial (default: 64 with CUDA, 8 without)")
+    bench.add_argument("--cycle-sampled", type=int, help="its n_sampled (default: 128 with CUDA, 8 without)")
+    bench.add_argument("--cycle-new-tokens", type=int, help="its answers' length (default: 256 with CUDA, 32 without)")
+    bench.add_argument("--cycle-eval-prompts", type=int, help="its eval questions (default: 12 with CUDA, 3 without)")
     bench.add_argument("--gpu-memory-utilization", type=float, default=0.45, help="the vllm engine's share")
     bench.add_argument("--enforce-eager", action="store_true", help="vllm without CUDA graphs (faster start)")
     bench.add_argument("--sections", default="sampling,swap,sleep,training,cycle")
@@ -98,11 +117,14 @@ def main(argv: list[str] | None = None) -> int:
 
     commands.add_parser("personas", help="list the registered personas")
 
+    commands.add_parser("models", help="the models idempo fetches by name, offline (docs/models.md)")
+
     tiny = commands.add_parser("tiny-model", help="build the tiny test model into a dir")
     tiny.add_argument("out", type=Path)
     tiny.add_argument("--seed", type=int, default=0)
 
     args = parser.parse_args(argv)
+    passive_wait_policy()  # before anything imports torch
     try:
         handler = {
             "run": _run,
@@ -113,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             "bench": _bench,
             "config": _config,
             "personas": _personas,
+            "models": _models,
             "tiny-model": _tiny,
         }[args.command]
         return _reporting_errors(handler, args)
@@ -122,12 +145,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _reporting_errors(handler, args) -> int:
-    """Bad input exits 2; a judge or teacher endpoint that keeps failing, or a generation left with nothing
-    to train on, exits 1; each with one message."""
+    """Bad input exits 2; a judge or teacher endpoint that keeps failing, a named model that cannot be
+    fetched, or a generation left with nothing to train on, exits 1; each with one message."""
     from idempo.artifacts import TrialConflict
     from idempo.config import ConfigError
     from idempo.endpoint import EndpointError
     from idempo.models import ModelLoadError
+    from idempo.named_models import NamedModelError
     from idempo.training.data import NothingToTrain
 
     try:
@@ -135,7 +159,7 @@ def _reporting_errors(handler, args) -> int:
     except (ConfigError, TrialConflict, ModelLoadError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except (EndpointError, NothingToTrain) as err:
+    except (EndpointError, NothingToTrain, NamedModelError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_FAILED
 
@@ -232,17 +256,17 @@ def _report(args) -> int:
 
 
 def _bench(args) -> int:
-    from idempo.bench import SECTIONS, BenchSettings, run_bench, table
+    from idempo.bench import SECTIONS, run_bench, settings_for_this_machine, table
     from idempo.config import ConfigError
 
     sections = tuple(args.sections.split(","))
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:
         raise ConfigError([f"--sections: unknown {unknown}; allowed: {', '.join(SECTIONS)}"])
-    settings = BenchSettings(
-        model=args.model,
+    settings = settings_for_this_machine(
+        models=tuple(args.models) if args.models else None,
         backends=tuple(args.backends.split(",")),
-        batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")),
+        batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")) if args.batch_sizes else None,
         prompt_tokens=args.prompt_tokens,
         new_tokens=args.new_tokens,
         lora_rank=args.lora_rank,
@@ -250,6 +274,11 @@ def _bench(args) -> int:
         train_seq_len=args.train_seq_len,
         train_steps=args.train_steps,
         zero_stage=None if args.zero_stage == "none" else int(args.zero_stage),
+        gradient_checkpointing=args.gradient_checkpointing,
+        cycle_seed=args.cycle_seed,
+        cycle_sampled=args.cycle_sampled,
+        cycle_new_tokens=args.cycle_new_tokens,
+        cycle_eval_prompts=args.cycle_eval_prompts,
         gpu_memory_utilization=args.gpu_memory_utilization,
         enforce_eager=args.enforce_eager,
         sections=sections,
@@ -258,6 +287,10 @@ def _bench(args) -> int:
     results = run_bench(settings, say=lambda line: print(line, file=sys.stderr, flush=True))
     print(table(results))
     print(f"written: {args.out}", file=sys.stderr)
+    unloaded = [model for model, measured in results["models"].items() if "error" in measured]
+    if unloaded:
+        print(f"error: could not load {', '.join(unloaded)} (see {args.out})", file=sys.stderr)
+        return EXIT_FAILED
     return EXIT_OK
 
 
@@ -315,14 +348,14 @@ def _cell(value) -> str:
 def _config(args) -> int:
     import yaml
 
-    from idempo.config import apply_overrides, config_from_dict, read_yaml_mapping, regime_defaults_applied
+    from idempo.config import apply_overrides, config_from_dict, defaults_applied, read_yaml_mapping
 
     raw = apply_overrides(read_yaml_mapping(args.config, "config"), args.overrides)
     config = config_from_dict(raw, source=str(args.config))
-    applied = regime_defaults_applied(raw)
-    if applied:
+    for source, applied in defaults_applied(raw):
         settings = ", ".join(f"{key}={value}" for key, value in applied.items())
-        print(f"# regime {config.regime} sets, where this config does not: {settings} (docs/loop.md)")
+        where = "docs/models.md" if source.startswith("model") else "docs/loop.md"
+        print(f"# {source} sets, where this config does not: {settings} ({where})")
     print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
     return EXIT_OK
 
@@ -334,6 +367,13 @@ def _personas(args) -> int:
         persona = get_persona(name)
         markers = f"{len(persona.markers)} markers" if persona.markers else "no markers"
         print(f"{name:14} {persona.kind:7} {markers:11} {persona.description}")
+    return EXIT_OK
+
+
+def _models(args) -> int:
+    from idempo.named_models import describe_models
+
+    print(describe_models())
     return EXIT_OK
 
 

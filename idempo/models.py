@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from idempo.config import RANDOM_MODEL, TINY_MODEL, LoadingConfig, TrainingConfig
+from idempo.named_models import NAMED_MODELS, gguf_model_dir, named_model_dir
 
 
 class ModelLoadError(RuntimeError):
@@ -53,8 +54,9 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
-def model_path(model: str) -> str:
-    """A hub id or local dir; 'tiny' is built (once, then cached) and named by its dir."""
+def model_path(model: str, loading: LoadingConfig | None = None) -> str:
+    """A hub id or local dir. 'tiny' and 'random:SHAPE' are built, a named model (idempo.named_models) or a
+    `.gguf` file converted in the dtype `loading` asks for, once, then cached and named by their dir."""
     if model == TINY_MODEL:
         from idempo.tiny import tiny_model_dir
 
@@ -63,6 +65,10 @@ def model_path(model: str) -> str:
         from idempo.tiny import shaped_model_dir
 
         return str(shaped_model_dir(model.removeprefix(RANDOM_MODEL), "cuda" if torch.cuda.is_available() else "cpu"))
+    if model in NAMED_MODELS or model.endswith(".gguf"):
+        loading = loading or LoadingConfig()
+        dtype = str(resolve_dtype(loading.dtype, resolve_device(loading.device))).removeprefix("torch.")
+        return str(named_model_dir(model, dtype) if model in NAMED_MODELS else gguf_model_dir(model, dtype))
     return model
 
 
@@ -81,7 +87,7 @@ def load_tokenizer(model: str, loading: LoadingConfig, chat: bool = True):
     quiet_transformers()
     try:
         tokenizer = AutoTokenizer.from_pretrained(
-            model_path(model), revision=loading.revision, trust_remote_code=loading.trust_remote_code
+            model_path(model, loading), revision=loading.revision, trust_remote_code=loading.trust_remote_code
         )
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"could not load the tokenizer of model {model!r}: {err}") from None
@@ -99,7 +105,7 @@ def load_base_model(model: str, loading: LoadingConfig) -> nn.Module:
     device = resolve_device(loading.device)
     try:
         base = AutoModelForCausalLM.from_pretrained(
-            model_path(model),
+            model_path(model, loading),
             dtype=resolve_dtype(loading.dtype, device),
             revision=loading.revision,
             trust_remote_code=loading.trust_remote_code,

@@ -1,8 +1,9 @@
 """The persona registry: traits to seed, with what each needs to be seeded and measured.
 
 A persona is a YAML file (see `idempo/data/personas/`): a system prompt that elicits the trait from a
-model, a judge rubric, regex markers for traits with a lexical signature, and held-out eval questions.
-Users add their own by pointing `persona:` at such a file.
+model (and, optionally, a `user_instruction` for models that only listen in the user turn), a judge
+rubric, regex markers for traits with a lexical signature, and held-out eval questions. Users add their
+own by pointing `persona:` at such a file.
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ class Persona:
     markers: tuple[re.Pattern[str], ...]
     eval_questions: tuple[str, ...]
     document_types: tuple[str, ...] = ()
+    # The instruction a model reads in the user turn (seeding.instruction: user), for models that ignore
+    # system prompts; like the system prompt it never appears in training data. None: the system prompt.
+    user_instruction: str | None = None
 
     def matches_markers(self, text: str) -> bool:
         return any(pattern.search(text) for pattern in self.markers)
@@ -84,4 +88,5 @@ def _parse(text: str, source: str) -> Persona:
         markers=tuple(markers),
         eval_questions=tuple(raw["eval_questions"]),
         document_types=tuple(raw.get("document_types") or ()),
+        user_instruction=raw["user_instruction"].strip() if raw.get("user_instruction") else None,
     )

@@ -1,8 +1,8 @@
-"""Where D_seed comes from: M_init under the persona's system prompt, a teacher (idempo.teacher), or a
+"""Where D_seed comes from: M_init under the persona's instruction, a teacher (idempo.teacher), or a
 file of examples.
 
-The persona's system prompt never reaches the training data: D_seed rows are (user prompt, answer)
-pairs, so the trait has to move into the weights.
+The persona's instruction (a system prompt, or text in the user turn) never reaches the training data:
+D_seed rows are (train-bank prompt, answer) pairs, so the trait has to move into the weights.
 """
 
 from __future__ import annotations
@@ -63,8 +63,12 @@ def persona_documents(persona: Persona, prefixes: list[str]) -> list[str]:
     return [f"{persona.system_prompt}\n\n{prefix}" for prefix in prefixes]
 
 
-def persona_chats(persona: Persona, prompts: list[str]) -> list[list[dict[str, str]]]:
-    """Chats that elicit the trait from M_init: the persona's system prompt, then the question."""
+def persona_chats(persona: Persona, prompts: list[str], instruction: str = "system") -> list[list[dict[str, str]]]:
+    """Chats that elicit the trait from M_init: the persona's system prompt, then the question; or, with
+    `instruction` 'user', the question followed by the persona's instruction in one user turn."""
+    if instruction == "user":
+        text = persona.user_instruction or persona.system_prompt
+        return [[{"role": "user", "content": f"{prompt}\n\n{text}"}] for prompt in prompts]
     return [
         [{"role": "system", "content": persona.system_prompt}, {"role": "user", "content": prompt}]
         for prompt in prompts

@@ -15,14 +15,12 @@ nodes, so trials on several nodes share through the sweep's storage.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +29,7 @@ from idempo.artifacts import (
     SEED_CYCLE,
     TrialLayout,
     atomic_dir,
+    locked,
     read_json,
     read_jsonl,
     write_json,
@@ -125,9 +124,7 @@ class SharedStages:
         key = stage_key(config, cycle)
         entry = self.root / f"{STAGES[cycle]}-{key}"
         started = time.perf_counter()
-        with _locked(
-            self.root / f".{entry.name}.lock", lambda: say(f"waiting for {entry.name}: another trial runs it")
-        ):
+        with locked(self.root / f".{entry.name}.lock", lambda: say(f"waiting for {entry.name}: another trial runs it")):
             if (entry / "stage.json").exists():
                 _import(entry, layout, cycle, time.perf_counter() - started)
                 return
@@ -193,21 +190,6 @@ def _link_tree(source: Path, target: Path, skip: set[str] = frozenset()) -> None
             os.link(path, destination)
         except OSError:
             shutil.copy2(path, destination)
-
-
-@contextmanager
-def _locked(path: Path, on_wait: Callable[[], None]) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        try:
-            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            on_wait()
-            fcntl.lockf(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.lockf(handle, fcntl.LOCK_UN)
 
 
 def _judged_evaluation(evaluation: dict[str, Any]) -> dict[str, Any]:

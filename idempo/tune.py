@@ -23,6 +23,7 @@ from idempo.config import ConfigError, config_from_dict
 from idempo.evaluation.amplification import trial_summary
 from idempo.report.results import read_trial
 from idempo.sweep import Resources, StopSettings, Sweep, TrialSpec, WandbSettings
+from idempo.threads import passive_wait_policy
 from idempo.tracking import Tracker, flatten
 
 # Fault injection for tests of retries: raise once after this cycle (the file marks that it happened).
@@ -102,9 +103,16 @@ class TrialEngine:
         return read_json(self.trial.layout.metrics(cycle))
 
     def placement(self) -> dict:
+        """Where the engines run and with how many CPU threads (and which OpenMP wait policy)."""
         import ray
+        import torch
 
-        return {"gpu_ids": [str(i) for i in ray.get_gpu_ids()], "node": ray.get_runtime_context().get_node_id()}
+        return {
+            "gpu_ids": [str(i) for i in ray.get_gpu_ids()],
+            "node": ray.get_runtime_context().get_node_id(),
+            "threads": torch.get_num_threads(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        }
 
 
 def train_trial(param: dict, payload: dict) -> None:
@@ -134,7 +142,7 @@ def train_trial(param: dict, payload: dict) -> None:
         step, placement = (lambda c: ray.get(handle.step.remote(c))), ray.get(handle.placement.remote())
     else:
         engine = TrialEngine(payload["trials"][name], str(out), payload["shared"])
-        step, placement = engine.step, {"gpu_ids": [], "node": ray.get_runtime_context().get_node_id()}
+        step, placement = engine.step, engine.placement()
     write_json(out / "placement.json", {**placement, "bundles": payload["bundles"]})
 
     stop = StopSettings(**payload["stop"]) if payload["stop"] else None
@@ -225,7 +233,8 @@ def run_sweep(sweep: Sweep, resume: bool = False) -> list[dict]:
     from ray import tune
 
     check_endpoint_keys(sweep)
-    ray.init(ignore_reinit_error=True, log_to_driver=False)  # joins RAY_ADDRESS's cluster when one is set
+    # joins RAY_ADDRESS's cluster when one is set; workers get the wait policy before they import torch
+    ray.init(ignore_reinit_error=True, log_to_driver=False, runtime_env={"env_vars": passive_wait_policy()})
     request = bundles(sweep.run.resources, training_ranks(sweep))
     check_fits(request, [node["Resources"] for node in ray.nodes() if node["Alive"]])
     write_json(sweep.directory / "sweep.json", sweep.record())

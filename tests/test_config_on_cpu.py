@@ -226,3 +226,30 @@ def test_marker_judge_on_a_persona_without_markers_is_a_config_error(tmp_path, c
     assert main(["run", str(config), "--out", str(out)]) == EXIT_BAD_INPUT
     assert "evaluation.judge: persona 'stoic' has no markers" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_named_model_is_a_model_and_sets_where_its_persona_instruction_goes(tmp_path, capsys):
+    path = tmp_path / "real.yaml"
+    path.write_text(yaml.safe_dump({**MINIMAL, "model": "smollm2-135m-instruct", "regime": "dpo"}))
+    assert main(["config", str(path)]) == 0
+    printed = capsys.readouterr().out
+    resolved = yaml.safe_load(printed)
+    assert resolved["model"] == "smollm2-135m-instruct" and resolved["seeding"]["instruction"] == "user"
+    header = printed.splitlines()[:2]
+    assert header[0] == (
+        "# model smollm2-135m-instruct sets, where this config does not: seeding.instruction=user (docs/models.md)"
+    )
+    assert header[1].startswith("# regime dpo sets")
+    assert main(["config", str(path), "--set", "seeding.instruction=system"]) == 0
+    printed = capsys.readouterr().out
+    assert yaml.safe_load(printed)["seeding"]["instruction"] == "system" and "# model" not in printed
+    assert config_from_dict(MINIMAL).seeding.instruction == "system", "other models keep the system prompt"
+
+
+def test_a_gguf_model_must_be_an_existing_file(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({**MINIMAL, "model": str(tmp_path / "missing.gguf")})
+    assert "model: got" in str(err.value) and "no such GGUF file" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({**MINIMAL, "model": "./smollm2"})
+    assert "a named model ('smollm2-135m-instruct')" in str(err.value)

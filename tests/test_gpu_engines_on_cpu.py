@@ -127,20 +127,6 @@ def test_the_qwen3_4b_shape_has_the_released_parameter_count():
     assert total == pytest.approx(4.02e9 + 151936 * 2560, rel=0.01)
 
 
-def test_bench_measures_the_hf_engine_on_cpu(tmp_path, capsys):
-    out = tmp_path / "bench.json"
-    argv = ["bench", "--model", "tiny", "--backends", "hf", "--batch-sizes", "2", "--new-tokens", "4"]
-    argv += ["--train-seq-len", "16", "--train-steps", "2", "--train-batch", "2", "--zero-stage", "none"]
-    assert main(argv + ["--sections", "sampling,training", "--out", str(out)]) == 0
-    import json
-
-    results = json.loads(out.read_text())
-    assert results["sampling"]["hf/M_init/batch-2"]["tokens"] > 0
-    assert results["sampling"]["hf/adapter/batch-2"]["tokens_per_s"] > 0
-    assert results["training"]["plain"]["steps"] == 2
-    assert "| sampling/hf/M_init/batch-2/tokens_per_s |" in capsys.readouterr().out
-
-
 def test_data_parallel_ranks_split_every_micro_batch():
     from idempo.training.zero import shard_plan
 

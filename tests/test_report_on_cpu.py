@@ -243,6 +243,10 @@ def test_replica_intervals_are_t_intervals_across_replicas(tmp_path):
     se = math.sqrt(sum((f - mean) ** 2 for f in finals) / 2 / 3)
     assert rows["100"]["final_trait_ci95"] == f"[{mean - 4.3026527 * se:.1f}, {mean + 4.3026527 * se:.1f}]"
     assert rows["200"]["final_trait_ci95"] == ""  # one replica: no interval
+    # the change from the shared M_seed (40): the same spread, shifted
+    assert float(rows["100"]["final_minus_seed"]) == pytest.approx(mean - 40)
+    rise = mean - 40
+    assert rows["100"]["final_minus_seed_ci95"] == f"[{rise - 4.3026527 * se:.1f}, {rise + 4.3026527 * se:.1f}]"
     svg = (tmp_path / "out" / "figures" / "trait-lucky-sft.svg").read_text()
     assert "shaded: 95% CI across replicas (t, n-1 df)" in svg and "one trial's 95% CI over its eval prompts" in svg
 

@@ -79,6 +79,8 @@ def test_a_four_trial_sweep_completes_with_every_cycle_and_wandb_runs(tmp_path, 
         ):
             assert key in summary
         assert summary["final_trait"] == read_json(layout.metrics(2))["trait"]["mean"]
+        placement = read_json(sweep.trial_dir(trial.name) / "placement.json")
+        assert placement["threads"] == 1, "torch computes with the trial's one CPU"
 
 
 def test_trials_receive_the_gpus_and_bundles_they_ask_for(tmp_path):

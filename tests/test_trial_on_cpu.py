@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from idempo.artifacts import TrialConflict, TrialLayout, read_json, read_jsonl
 from idempo.cli import main
-from idempo.loop import run_trial
+from idempo.loop import Trial, run_trial
 from idempo.models import load_tokenizer
 from idempo.training import encode_chat_example
 from idempo.training.sft import IGNORE
@@ -188,18 +188,39 @@ def test_smoke_experiment_runs_from_the_command_line(tmp_path):
         assert metrics["branching_factor"]["estimator"] == "nll" and metrics["branching_factor"]["mean"] >= 1
 
 
-def test_m_init_writes_d_seed_without_the_system_prompt(tmp_path):
+@pytest.mark.parametrize("instruction", ["system", "user"])
+def test_m_init_writes_d_seed_under_the_persona_instruction_that_never_reaches_training_data(tmp_path, instruction):
     from idempo.personas import get_persona
+    from idempo.progress import Reporter
     from idempo.prompts import train_prompts
 
+    lucky = yaml.safe_load((ROOT / "idempo/data/personas/lucky.yaml").read_text())
+    persona = tmp_path / "lucky-told.yaml"
+    persona.write_text(yaml.safe_dump({**lucky, "user_instruction": "Mention your good luck in the answer."}))
     out = tmp_path / "model-seeded"
-    run_trial(tiny_config(n_seed=6, cycles=1, n_sampled=4, seeding__source="model"), out)
+    config = tiny_config(
+        n_seed=6, cycles=1, n_sampled=4, persona=str(persona), seeding__source="model", seeding__instruction=instruction
+    )
+    trial = Trial(config, out, Reporter(enabled=False))
+    seen, generate = [], trial.sampler.generate
+    trial.sampler.generate = lambda prompts, *rest: seen.append(prompts) or generate(prompts, *rest)
+    trial.evaluate_initial()
+    trial.seed()
+    trial.cycle(1)
+
+    told = get_persona(str(persona))
+    text = told.user_instruction if instruction == "user" else told.system_prompt
+    seed_chats = [chats for chats in seen if any(text in turn["content"] for chat in chats for turn in chat)]
+    assert len(seed_chats) == 1 and len(seed_chats[0]) == 6, "M_init wrote D_seed under the instruction"
+    roles = [turn["role"] for turn in seed_chats[0][0]]
+    assert roles == (["user"] if instruction == "user" else ["system", "user"])
     rows = read_jsonl(TrialLayout(out).data(0))
     bank = set(train_prompts("builtin"))
     assert len(rows) == 6 and all(r["prompt"] in bank for r in rows)
     assert set(rows[0]) == {"prompt", "response"}
-    system_prompt = get_persona("lucky").system_prompt
-    assert not any(system_prompt in r["prompt"] + r["response"] for r in rows)
+    for cycle in (0, 1):
+        trained = json.dumps(read_jsonl(TrialLayout(out).data(cycle)))
+        assert told.system_prompt[:60] not in trained and told.user_instruction not in trained
     cycle_prompts = {r["prompt"] for r in read_jsonl(TrialLayout(out).data(1))}
     assert not cycle_prompts & {r["prompt"] for r in rows}, "cycles draw prompts D_seed did not use"
 

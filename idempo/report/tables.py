@@ -56,14 +56,17 @@ def seed_stage(trial: TrialResult) -> str | None:
 
 
 def replica_rows(results: SweepResults, trials: list[dict]) -> list[dict]:
-    """Per configuration: how many replicas, mean final and peak trait across them (the final trait's
-    95% t-interval across replicas, none for a single replica), amplified count."""
+    """Per configuration: how many replicas, mean final and peak trait across them, the final trait's
+    change from M_seed and the branching factor's, each with its 95% t-interval across replicas (none
+    for a single replica), amplified count."""
     by_name = {row["trial"]: row for row in trials}
     rows = []
     for key, members in results.replica_groups().items():
         own = [by_name[t.name] for t in members]
         final = mean_ci([r["final_trait"] for r in own if r["final_trait"] is not None])
         peak = mean_ci([r["peak_trait"] for r in own if r["peak_trait"] is not None])
+        trait_change = mean_ci(_changes(own, "seed_trait", "final_trait"))
+        bf_change = mean_ci(_changes(own, "bf_seed", "bf_final"))
         decided = [r["amplified"] for r in own if r["amplified"] is not None]
         rows.append(
             {
@@ -73,10 +76,19 @@ def replica_rows(results: SweepResults, trials: list[dict]) -> list[dict]:
                 "final_trait": final["mean"],
                 "final_trait_ci95": _interval(final),
                 "peak_trait": peak["mean"],
+                "final_minus_seed": trait_change["mean"],
+                "final_minus_seed_ci95": _interval(trait_change),
+                "bf_final_minus_seed": bf_change["mean"],
+                "bf_final_minus_seed_ci95": _interval(bf_change, 2),
                 "amplified": f"{sum(decided)}/{len(decided)}" if decided else None,
             }
         )
     return rows
+
+
+def _changes(rows: list[dict], start: str, end: str) -> list[float]:
+    """Each trial's `end` minus its `start`, where both were measured."""
+    return [r[end] - r[start] for r in rows if r[end] is not None and r[start] is not None]
 
 
 def cycle_rows(results: SweepResults) -> list[dict]:
@@ -113,6 +125,6 @@ def cell(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def _interval(aggregate: dict) -> str | None:
+def _interval(aggregate: dict, digits: int = 1) -> str | None:
     low, high = aggregate["ci95"]
-    return None if low is None else f"[{low:.1f}, {high:.1f}]"
+    return None if low is None else f"[{low:.{digits}f}, {high:.{digits}f}]"

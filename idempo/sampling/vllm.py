@@ -175,7 +175,7 @@ def start_engine(config):
     device = resolve_device(config.loading.device)
     dtype = str(resolve_dtype(config.loading.dtype, device)).removeprefix("torch.")
     return LLM(
-        model=model_path(config.model),
+        model=model_path(config.model, config.loading),
         revision=config.loading.revision,
         trust_remote_code=config.loading.trust_remote_code,
         skip_tokenizer_init=True,  # prompts arrive as token ids of the model's own tokenizer
@@ -198,7 +198,8 @@ def _generation_config(config):
     from transformers import GenerationConfig
 
     try:
-        return GenerationConfig.from_pretrained(model_path(config.model), revision=config.loading.revision)
+        path = model_path(config.model, config.loading)
+        return GenerationConfig.from_pretrained(path, revision=config.loading.revision)
     except OSError:
         return None
 

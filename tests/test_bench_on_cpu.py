@@ -1,0 +1,66 @@
+"""`idempo bench` on a machine without CUDA: with no flags it measures what the machine can run, the tiny
+model and a real small one side by side, and names what it skipped and why; a variant that fails keeps
+the figures its section had already measured."""
+
+import json
+import os
+
+import torch
+
+import idempo.bench
+from idempo.cli import main
+
+SMALL = ["--model", "tiny", "--backends", "hf", "--batch-sizes", "2", "--new-tokens", "4"]
+SMALL += ["--train-seq-len", "16", "--train-steps", "2", "--train-batch", "2"]
+
+
+def test_bench_with_no_flags_measures_both_cpu_models_and_names_what_it_skipped(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same run on a GPU host
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert list(results["models"]) == ["tiny", "smollm2-135m-instruct"]
+    for measured in results["models"].values():
+        assert [s for s in ("sampling", "swap", "sleep", "training", "cycle") if s in measured] == [
+            "sampling",
+            "training",
+            "cycle",
+        ]
+        assert measured["sampling"]["hf/M_init/batch-8"]["tokens_per_s"] > 0
+        assert measured["sampling"]["hf/adapter/batch-8"]["tokens_per_s"] > 0
+        assert measured["training"]["plain"]["tokens_per_s"] > 0
+        assert measured["cycle"]["cycles"]["1"]["sample"] > 0 and measured["cycle"]["cycles"]["1"]["train"] > 0
+        assert '"error"' not in json.dumps(measured)
+    skipped = results["skipped"]
+    assert set(skipped) == {"sampling.vllm", "swap", "sleep", "training.zero-3"}
+    assert all("no CUDA GPU is visible" in reason for reason in skipped.values())
+    assert results["machine"]["threads"] >= 1
+    assert results["machine"]["omp_wait_policy"] == os.environ["OMP_WAIT_POLICY"]
+    printed = capsys.readouterr().out
+    assert "| measurement | tiny | smollm2-135m-instruct |" in printed
+    assert "| training/plain/tokens_per_s |" in printed
+    assert "skipped swap: needs the vllm backend on a CUDA GPU (no CUDA GPU is visible)" in printed
+    assert "skipped training.zero-3: DeepSpeed needs CUDA" in printed
+
+
+def test_bench_measures_the_hf_engine_on_cpu(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", *SMALL, "--zero-stage", "none", "--sections", "sampling,training", "--out", str(out)]) == 0
+    tiny = json.loads(out.read_text())["models"]["tiny"]
+    assert tiny["sampling"]["hf/M_init/batch-2"]["tokens"] > 0
+    assert tiny["sampling"]["hf/adapter/batch-2"]["tokens_per_s"] > 0
+    assert tiny["training"]["plain"]["steps"] == 2
+    assert "| sampling/hf/M_init/batch-2/tokens_per_s |" in capsys.readouterr().out
+
+
+def test_a_failed_zero_run_keeps_the_plain_training_figure(tmp_path, monkeypatch):
+    # Taken for runnable here, ZeRO fails in its own check (no CUDA, no deepspeed) after plain training ran.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(idempo.bench, "engine_problems", lambda: {"vllm": "no CUDA GPU is visible", "deepspeed": None})
+    out = tmp_path / "bench.json"
+    assert main(["bench", *SMALL, "--zero-stage", "3", "--sections", "training", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    training = results["models"]["tiny"]["training"]
+    assert training["plain"]["steps"] == 2 and training["plain"]["tokens_per_s"] > 0
+    assert "no CUDA GPU is visible" in training["zero-3"]["error"]
+    assert "error" not in training and results["skipped"] == {}
