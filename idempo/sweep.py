@@ -160,11 +160,15 @@ class Sweep:
 
     def run_order(self) -> list[str]:
         """Trial names in the order Ray Tune starts them: the first trial of every seed group before any
-        second one, so that concurrent trials train distinct M_seeds instead of waiting for one."""
+        second one, so that concurrent trials train distinct M_seeds instead of waiting for one; then one
+        replica of every configuration before the next replica of any, so that a sweep stopped early
+        holds the whole grid at least once."""
         groups = self.stage_groups().get("seed") or {t.name: [t.name] for t in self.trials}
-        rank = {name: index for members in groups.values() for index, name in enumerate(members)}
+        first = {members[0] for members in groups.values()}
+        seeds = self.axes.get("seed", [None])
+        replica = {t.name: seeds.index(t.axes["seed"]) if "seed" in t.axes else 0 for t in self.trials}
         position = {t.name: i for i, t in enumerate(self.trials)}
-        return sorted(position, key=lambda name: (rank[name], position[name]))
+        return sorted(position, key=lambda name: (name not in first, replica[name], position[name]))
 
     @property
     def storage(self) -> Path:

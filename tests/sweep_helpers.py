@@ -24,12 +24,13 @@ TINY_TRIAL = {
 }
 
 
-def write_sweep(directory: Path, name: str, axes=None, run=None, config=None) -> Path:
+def write_sweep(directory: Path, name: str, axes=None, run=None, config=None, replicas=1) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     sweep = {
         "name": name,
         "config": {**TINY_TRIAL, **(config or {})},
         "axes": axes or {},
+        "replicas": replicas,
         "run": {"storage_path": str(directory / "storage"), "wandb": {"mode": "offline"}, **(run or {})},
     }
     path = directory / f"{name}.yaml"

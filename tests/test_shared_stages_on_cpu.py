@@ -145,3 +145,23 @@ def test_a_sweep_starts_the_first_trial_of_every_seed_group_before_any_second_on
         "n_seed-32_init-previous",
     ]
     assert len(sweep.stage_groups()["init"]) == 1  # one evaluation of M_init for the whole sweep
+
+    # with replicas: seed groups first, then one replica of every configuration before the next
+    path = write_sweep(tmp_path, "replicas", axes={"init": ["initial", "previous"]}, replicas=2)
+    assert load_sweep(path).run_order() == [
+        "init-initial_seed-0",
+        "init-previous_seed-0",
+        "init-initial_seed-1",
+        "init-previous_seed-1",
+    ]
+    path = write_sweep(tmp_path, "seeds", axes={"n_seed": [16, 32], "init": ["initial", "previous"]}, replicas=2)
+    assert load_sweep(path).run_order() == [
+        "n_seed-16_init-initial_seed-0",
+        "n_seed-32_init-initial_seed-0",
+        "n_seed-16_init-previous_seed-0",
+        "n_seed-32_init-previous_seed-0",
+        "n_seed-16_init-initial_seed-1",
+        "n_seed-16_init-previous_seed-1",
+        "n_seed-32_init-initial_seed-1",
+        "n_seed-32_init-previous_seed-1",
+    ]
