@@ -221,7 +221,11 @@ def test_replica_intervals_are_t_intervals_across_replicas(tmp_path):
     _hand_built_trial(sweep, "a", [40, 50, 70], 3, 2, n_sampled=100, seed=0)
     _hand_built_trial(sweep, "b", [40, 60, 80], 3, 2, n_sampled=100, seed=1)
     _hand_built_trial(sweep, "c", [40, 55], 3, 2, n_sampled=100, seed=2)
+    write_json(sweep / "trials" / "c" / "stopped.json", {"cycle": 1, "reason": "coherence.mean 20 < 30"})
     _hand_built_trial(sweep, "alone", [40, 45, 50], 3, 2, n_sampled=200, seed=0)
+    # a configuration with one finished replica and one still running (its cycle 1 is not its final)
+    _hand_built_trial(sweep, "done", [40, 45, 50], 3, 2, n_sampled=300, seed=0)
+    _hand_built_trial(sweep, "running", [40, 90], 3, 2, n_sampled=300, seed=1)
     results = load_results(sweep)
     groups = {key: members for key, members in results.replica_groups().items()}
     replicas = groups[(("n_sampled", 100),)]
@@ -243,6 +247,8 @@ def test_replica_intervals_are_t_intervals_across_replicas(tmp_path):
     se = math.sqrt(sum((f - mean) ** 2 for f in finals) / 2 / 3)
     assert rows["100"]["final_trait_ci95"] == f"[{mean - 4.3026527 * se:.1f}, {mean + 4.3026527 * se:.1f}]"
     assert rows["200"]["final_trait_ci95"] == ""  # one replica: no interval
+    assert (rows["300"]["replicas"], rows["300"]["complete"], rows["300"]["final_trait"]) == ("2", "1", "50.0")
+    assert rows["300"]["final_trait_ci95"] == "" and rows["300"]["peak_trait"] == "50.0"
     # the change from the shared M_seed (40): the same spread, shifted
     assert float(rows["100"]["final_minus_seed"]) == pytest.approx(mean - 40)
     rise = mean - 40

@@ -12,6 +12,7 @@ from idempo.evaluation.stats import mean_ci
 from idempo.report.results import SweepResults, TrialResult
 from idempo.tracking import flatten
 
+FINISHED = ("complete", "stopped")
 SUMMARY_COLUMNS = ("peak_trait", "peak_cycle", "final_trait", "min_coherence", "bf_seed", "bf_final", "bf_slope")
 
 
@@ -56,13 +57,14 @@ def seed_stage(trial: TrialResult) -> str | None:
 
 
 def replica_rows(results: SweepResults, trials: list[dict]) -> list[dict]:
-    """Per configuration: how many replicas, mean final and peak trait across them, the final trait's
-    change from M_seed and the branching factor's, each with its 95% t-interval across replicas (none
-    for a single replica), amplified count."""
+    """Per configuration: how many replicas, mean final and peak trait across the finished ones (complete
+    or stopped: a running trial's last cycle is not its final one), the final trait's change from M_seed
+    and the branching factor's, each with its 95% t-interval across replicas (none for a single one),
+    amplified count."""
     by_name = {row["trial"]: row for row in trials}
     rows = []
     for key, members in results.replica_groups().items():
-        own = [by_name[t.name] for t in members]
+        own = [by_name[t.name] for t in members if by_name[t.name]["status"] in FINISHED]
         final = mean_ci([r["final_trait"] for r in own if r["final_trait"] is not None])
         peak = mean_ci([r["peak_trait"] for r in own if r["peak_trait"] is not None])
         trait_change = mean_ci(_changes(own, "seed_trait", "final_trait"))
@@ -72,7 +74,7 @@ def replica_rows(results: SweepResults, trials: list[dict]) -> list[dict]:
             {
                 **dict(key),
                 "replicas": len(members),
-                "complete": sum(r["status"] in ("complete", "stopped") for r in own),
+                "complete": len(own),
                 "final_trait": final["mean"],
                 "final_trait_ci95": _interval(final),
                 "peak_trait": peak["mean"],
