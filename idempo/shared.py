@@ -29,6 +29,7 @@ from idempo.artifacts import (
     SEED_CYCLE,
     TrialLayout,
     atomic_dir,
+    file_sha256,
     locked,
     read_json,
     read_jsonl,
@@ -88,7 +89,7 @@ def stage_inputs(config: ExperimentConfig, cycle: int) -> dict[str, Any]:
 def stage_key(config: ExperimentConfig, cycle: int) -> str:
     """A digest of the stage's inputs, with the contents of the files they name (persona, prompts, D_seed)."""
     inputs = stage_inputs(config, cycle)
-    files = {path: _file_digest(path) for path in sorted(_file_values(inputs))}
+    files = {path: file_sha256(path) for path in sorted(_file_values(inputs))}
     text = json.dumps({"format": FORMAT, "stage": STAGES[cycle], "inputs": inputs, "files": files}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
@@ -214,11 +215,3 @@ def _file_values(data: Any) -> set[str]:
     if isinstance(data, str) and data.startswith("/") and Path(data).is_file():
         return {data}
     return set()
-
-
-def _file_digest(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
