@@ -28,16 +28,16 @@ from idempo.artifacts import (
     write_jsonl,
 )
 from idempo.config import ConfigError, ExperimentConfig
-from idempo.endpoint import api_key
 from idempo.evaluation.evaluate import Judges, evaluate_generation
 from idempo.evaluation.judging import JudgeSpec, judge_loading, make_judge, render_rubric
 from idempo.gpu_monitor import GpuMonitor
 from idempo.models import INITIAL, Generation, Policy, load_base_model, load_tokenizer, make_policy
-from idempo.personas import Persona, get_persona
+from idempo.personas import Persona
+from idempo.preflight import trial_inputs
 from idempo.progress import Reporter, summary_line
-from idempo.prompts import cycle_prompts, eval_prompts, seed_prompts, train_prompts
+from idempo.prompts import cycle_prompts, eval_prompts, seed_prompts
 from idempo.sampling import SAMPLERS, Sampler, SamplingParams
-from idempo.seed_data import given_seed_rows, persona_chats, persona_documents
+from idempo.seed_data import persona_chats, persona_documents
 from idempo.seeds import derive_seed
 from idempo.self_reward import (
     EXTERNAL_JUDGE_RUBRIC,
@@ -81,6 +81,8 @@ def evaluation_inputs(config: ExperimentConfig, persona: Persona) -> tuple[list[
         raise ConfigError([f"prompts.eval: {err}"]) from None
     try:
         judges = Judges.from_config(config.evaluation, persona, config.loading)
+    except ConfigError:
+        raise  # names its own field
     except ValueError as err:
         raise ConfigError([f"evaluation.judge: {err}"]) from None
     return eval_set, judges
@@ -136,28 +138,10 @@ class Trial:
         self.layout = TrialLayout(out)
         self.shared = shared
         # Everything that can be wrong with the inputs fails here, before the model is loaded.
-        self.persona = get_persona(config.persona)
+        inputs = trial_inputs(config)
+        self.persona, self.train_bank, self.given_seed_rows = inputs.persona, inputs.train_bank, inputs.given_seed_rows
+        self.eval_set, self.judges, self.reward_judge = inputs.eval_set, inputs.judges, inputs.reward_judge
         self.documents = config.regime == "sdf"
-        if self.documents and self.persona.kind != "belief":
-            raise ConfigError(
-                [
-                    f"regime: 'sdf' trains documents that state a belief; persona {self.persona.name!r} is a chat "
-                    "persona; allowed: a persona of kind 'belief' (e.g. 'nvidia_bear')"
-                ]
-            )
-        try:
-            self.train_bank = train_prompts(config.prompts.train, self.persona if self.documents else None)
-        except ValueError as err:
-            raise ConfigError([f"prompts.train: {err}"]) from None
-        self.given_seed_rows = given_seed_rows(config, self.persona)
-        if self.given_seed_rows is None and config.n_seed > len(self.train_bank):
-            raise ConfigError(
-                [f"n_seed: got {config.n_seed} but prompts.train has only {len(self.train_bank)} prompts"]
-            )
-        if config.seeding.source == "teacher":
-            api_key(config.seeding.teacher, "seeding.teacher")
-        self.eval_set, self.judges = evaluation_inputs(config, self.persona)
-        self.reward_judge = reward_judge(config, self.persona)
         self.layout.check(config.to_dict())
 
         self.tokenizer, self.policy, self.sampler = load_engines(config)
