@@ -32,6 +32,7 @@ from idempo.endpoint import api_key
 from idempo.evaluation.evaluate import Judges, evaluate_generation
 from idempo.evaluation.judging import JudgeSpec, judge_loading, make_judge, render_rubric
 from idempo.gpu_monitor import GpuMonitor
+from idempo.input_files import InputFileError
 from idempo.models import INITIAL, Generation, Policy, load_base_model, load_tokenizer, make_policy
 from idempo.personas import Persona, get_persona
 from idempo.progress import Reporter, summary_line
@@ -77,8 +78,8 @@ def evaluation_inputs(config: ExperimentConfig, persona: Persona) -> tuple[list[
     """The held-out prompts and the judges; fails on bad input before any model is loaded."""
     try:
         eval_set = eval_prompts(config.prompts.eval, persona, config.evaluation.n_prompts)
-    except ValueError as err:
-        raise ConfigError([f"prompts.eval: {err}"]) from None
+    except InputFileError as err:
+        raise ConfigError([f"prompts.eval: {problem}" for problem in err.problems]) from None
     try:
         judges = Judges.from_config(config.evaluation, persona, config.loading)
     except ValueError as err:
@@ -147,8 +148,8 @@ class Trial:
             )
         try:
             self.train_bank = train_prompts(config.prompts.train, self.persona if self.documents else None)
-        except ValueError as err:
-            raise ConfigError([f"prompts.train: {err}"]) from None
+        except InputFileError as err:
+            raise ConfigError([f"prompts.train: {problem}" for problem in err.problems]) from None
         self.given_seed_rows = given_seed_rows(config, self.persona)
         if self.given_seed_rows is None and config.n_seed > len(self.train_bank):
             raise ConfigError(
