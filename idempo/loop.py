@@ -31,6 +31,7 @@ from idempo.config import ConfigError, ExperimentConfig
 from idempo.evaluation.evaluate import Judges, evaluate_generation
 from idempo.evaluation.judging import JudgeSpec, judge_loading, make_judge, render_rubric
 from idempo.gpu_monitor import GpuMonitor
+from idempo.input_files import InputFileError
 from idempo.models import INITIAL, Generation, Policy, load_base_model, load_tokenizer, make_policy
 from idempo.personas import Persona
 from idempo.preflight import trial_inputs
@@ -77,8 +78,8 @@ def evaluation_inputs(config: ExperimentConfig, persona: Persona) -> tuple[list[
     """The held-out prompts and the judges; fails on bad input before any model is loaded."""
     try:
         eval_set = eval_prompts(config.prompts.eval, persona, config.evaluation.n_prompts)
-    except ValueError as err:
-        raise ConfigError([f"prompts.eval: {err}"]) from None
+    except InputFileError as err:
+        raise ConfigError([f"prompts.eval: {problem}" for problem in err.problems]) from None
     try:
         judges = Judges.from_config(config.evaluation, persona, config.loading)
     except ConfigError:

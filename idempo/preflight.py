@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from idempo.config import ConfigError, ExperimentConfig
+from idempo.input_files import InputFileError
 from idempo.personas import Persona, get_persona
 
 if TYPE_CHECKING:
@@ -190,8 +191,8 @@ def _architecture_modules(model_name: str, revision: str | None, trust_remote_co
 def _persona(config: ExperimentConfig) -> Persona:
     try:
         persona = get_persona(config.persona)
-    except ValueError as err:
-        raise ConfigError([f"persona: {err}"]) from None
+    except InputFileError as err:
+        raise ConfigError([f"persona: {problem}" for problem in err.problems]) from None
     if config.regime == "sdf" and persona.kind != "belief":
         raise ConfigError(
             [
@@ -205,8 +206,8 @@ def _persona(config: ExperimentConfig) -> Persona:
 def _train_bank(config: ExperimentConfig, persona: Persona, train_prompts) -> list[str]:
     try:
         return train_prompts(config.prompts.train, persona if config.regime == "sdf" else None)
-    except ValueError as err:
-        raise ConfigError([f"prompts.train: {err}"]) from None
+    except InputFileError as err:
+        raise ConfigError([f"prompts.train: {problem}" for problem in err.problems]) from None
 
 
 # Numeric metrics every cycle reports, by group: what a sweep's `run.stop.metric` can name.
