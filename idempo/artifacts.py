@@ -31,7 +31,15 @@ os.umask(_UMASK)  # read once: temporary files are private until given the usual
 
 
 # Config fields a trial may change between runs: they do not change what the trial has written.
-RESUMABLE_CHANGES = {"cycles", "evaluation.amplification"}
+_JUDGES = ("evaluation.judge", "evaluation.coherence_judge", "preference.reward_judge")
+# Settings a trial may resume under: they change no artifact (where a key is read from, when a judge's
+# refusals stop the run: a trial stopped by them resumes once the limit or the file is fixed).
+RESUMABLE_CHANGES = {
+    "cycles",
+    "evaluation.amplification",
+    "seeding.teacher.api_key_file",
+    *(f"{judge}.{name}" for judge in _JUDGES for name in ("max_refusal_rate", "api_key_file")),
+}
 
 
 class TrialConflict(RuntimeError):
@@ -75,7 +83,8 @@ class TrialLayout:
 
     def check(self, config: dict[str, Any]) -> None:
         """Fail if this dir holds a trial with another config (RESUMABLE_CHANGES aside: more `cycles`
-        extend it, and the amplification rule only reads what it wrote)."""
+        extend it, the amplification rule only reads what it wrote, and a judge's refusal limit or key
+        file changes nothing it wrote)."""
         if not self.config.exists():
             return
         changed = _differences(yaml.safe_load(self.config.read_text()), config, ignore=RESUMABLE_CHANGES)

@@ -101,10 +101,18 @@ class _Section(BaseModel):
 class EndpointConfig(_Section):
     """An OpenAI-compatible chat endpoint (OpenAI, a vLLM server, ...) and how hard to lean on it."""
 
+    # a key pasted into a field must not be echoed by pydantic's own message either
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, hide_input_in_errors=True)
+
     model: str | None = Field(None, description="Model name at the endpoint (openai) or hub id / dir / 'tiny' (hf).")
     base_url: str | None = Field(None, description="Endpoint URL, e.g. http://host:8000/v1; null: OpenAI's.")
     api_key_env: str = Field(
         "OPENAI_API_KEY", description="NAME of the environment variable holding the API key (never the key)."
+    )
+    api_key_file: str | None = Field(
+        None,
+        description="Path of a file holding the key (mode 0600, or a mounted secret), read where neither api_key_env "
+        "nor <api_key_env>_FILE is set; the file is read on the machine that calls the endpoint.",
     )
     concurrency: int = Field(16, gt=0, description="Requests in flight at once.")
     timeout_s: float = Field(60.0, gt=0, description="Per-request timeout.")
@@ -118,7 +126,10 @@ class EndpointConfig(_Section):
     @classmethod
     def _variable_name(cls, value: str) -> str:
         if not _ENV_NAME.match(value):
-            raise ValueError("must be the name of an environment variable (like OPENAI_API_KEY), not a key")
+            # its own type, so that `describe_error` never shows the value: it may be a key
+            raise PydanticCustomError(
+                "variable_name", "must be the name of an environment variable (like OPENAI_API_KEY), not a key"
+            )
         return value
 
     @field_validator("base_url")
@@ -317,6 +328,13 @@ class JudgeConfig(EndpointConfig):
         20, ge=1, le=20, description="Next-token alternatives an endpoint returns at each position read (openai)."
     )
     refusal_mass: float = Field(0.25, ge=0, le=1, description="Below this probability on numbers: a refusal.")
+    max_refusal_rate: float = Field(
+        0.9,
+        ge=0,
+        le=1,
+        description="Share of refusals among the answers judged at once (an evaluation) above which the run fails: "
+        "the judge gives no usable number. 1: never fails.",
+    )
     max_tokens: int = Field(4, gt=0, description="Tokens the judge may write (the text fallback reads them).")
     batch_size: int = Field(8, gt=0, description="Judge prompts per forward pass (hf).")
     continuation_batch: int = Field(
@@ -730,6 +748,8 @@ def describe_error(error: dict[str, Any], root: type[BaseModel] | None = None) -
         return f"{path}: unknown key; allowed keys here: {allowed}"
     if error["type"] == "missing":
         return f"{path}: required field is missing"
+    if error["type"] == "variable_name":
+        return f"{path}: got a value that is not a variable name (not shown: it may be a key); {message}"
     got = error.get("input")
     if error["type"] == "model_type":
         return f"{path}: got {got!r}; must be a section (a mapping of keys)"

@@ -29,7 +29,7 @@ from idempo.artifacts import (
 )
 from idempo.config import ConfigError, ExperimentConfig
 from idempo.evaluation.evaluate import Judges, evaluate_generation
-from idempo.evaluation.judging import JudgeSpec, judge_loading, make_judge, render_rubric
+from idempo.evaluation.judging import JudgeSpec, check_refusal_rate, judge_loading, make_judge, render_rubric
 from idempo.gpu_monitor import GpuMonitor
 from idempo.input_files import InputFileError
 from idempo.models import INITIAL, Generation, Policy, load_base_model, load_tokenizer, make_policy
@@ -289,6 +289,7 @@ class Trial:
         judged = [i for i, row in enumerate(rows) if row.get("kept", True)]
         with self._timed("judge", timing):
             judgments = self.judges.coherence.score([(rows[i]["prompt"], rows[i]["response"]) for i in judged])
+        check_refusal_rate(judgments, self.config.evaluation.coherence_judge, "evaluation.coherence_judge")
         rows = list(rows)
         for index, judgment in zip(judged, judgments, strict=True):
             row = {**rows[index], "coherence": judgment.score}
@@ -378,7 +379,9 @@ class Trial:
         judged = [i for i, (_, answer) in enumerate(items) if answer.strip()]
         scores: list[float | None] = [None] * len(items)
         if self.reward_judge is not None:
-            for index, judgment in zip(judged, self.reward_judge.score([items[i] for i in judged]), strict=True):
+            judgments = self.reward_judge.score([items[i] for i in judged])
+            check_refusal_rate(judgments, self.config.preference.reward_judge, "preference.reward_judge")
+            for index, judgment in zip(judged, judgments, strict=True):
                 scores[index] = judgment.score
             return scores, None
         preference = self.config.preference

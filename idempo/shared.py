@@ -41,7 +41,8 @@ from idempo.config import ExperimentConfig
 STAGES = {INIT_CYCLE: "init", SEED_CYCLE: "seed"}
 FORMAT = 1  # part of every key: a change in what a stage writes starts new entries
 
-# How hard an endpoint is leaned on, not what it answers: never part of a key.
+# How hard an endpoint is leaned on, where its key comes from, when a judge's refusals fail the run: not
+# what it answers, so never part of a key.
 _ENDPOINT_PACE = (
     "concurrency",
     "timeout_s",
@@ -52,6 +53,8 @@ _ENDPOINT_PACE = (
     "price_output_per_mtok",
     "cache",
     "api_key_env",
+    "api_key_file",
+    "max_refusal_rate",
 )
 
 
