@@ -146,14 +146,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def _reporting_errors(handler, args) -> int:
     """Bad input exits 2; a judge or teacher endpoint that keeps failing, a judge that refuses (nearly)
-    every answer, a named model that cannot be fetched, or a generation left with nothing to train on,
-    exits 1; each with one message."""
+    every answer, a named model that cannot be fetched, a generation left with nothing to train on, or an
+    artifact damaged since it was written, exits 1; each with one message."""
     from idempo.artifacts import TrialConflict
     from idempo.config import ConfigError
     from idempo.endpoint import EndpointError
     from idempo.evaluation.judging import TooManyRefusals
     from idempo.models import ModelLoadError
     from idempo.named_models import NamedModelError
+    from idempo.records import DamagedArtifact
     from idempo.training.data import NothingToTrain
 
     try:
@@ -161,7 +162,7 @@ def _reporting_errors(handler, args) -> int:
     except (ConfigError, TrialConflict, ModelLoadError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except (EndpointError, TooManyRefusals, NothingToTrain, NamedModelError) as err:
+    except (EndpointError, TooManyRefusals, NothingToTrain, NamedModelError, DamagedArtifact) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_FAILED
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Hashable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -138,6 +138,23 @@ class EndpointConfig(_Section):
         if value is not None and not value.startswith(("http://", "https://")):
             raise ValueError("must be an http:// or https:// URL")
         return value
+
+
+# Endpoint fields that say how hard an endpoint is leaned on, where its key comes from, what it costs and
+# when a judge's refusals fail the run, never what it answers (an exhausted retry budget or too many
+# refusals fails the run; it scores nothing): a trial resumes under new values of them.
+ENDPOINT_PACE = (
+    "concurrency",
+    "timeout_s",
+    "max_retries",
+    "backoff_s",
+    "max_backoff_s",
+    "price_input_per_mtok",
+    "price_output_per_mtok",
+    "api_key_env",
+    "api_key_file",
+    "max_refusal_rate",
+)
 
 
 class TeacherConfig(EndpointConfig):
@@ -799,3 +816,16 @@ def _existing_path(value: str, allowed: str = "an existing file") -> str:
 
 def _choices(names) -> str:
     return ", ".join(repr(n) for n in sorted(names))
+
+
+def endpoint_sections(section: type[BaseModel] | None = None, prefix: str = "") -> set[str]:
+    """The dotted paths of every endpoint section of the config (`evaluation.judge`, `seeding.teacher`, ...),
+    found from the types, so that a judge added to a section is one too."""
+    found: set[str] = set()
+    for name, field in (section or ExperimentConfig).model_fields.items():
+        for kind in (field.annotation, *get_args(field.annotation)):
+            if isinstance(kind, type) and issubclass(kind, EndpointConfig):
+                found.add(prefix + name)
+            elif isinstance(kind, type) and issubclass(kind, _Section):
+                found |= endpoint_sections(kind, f"{prefix}{name}.")
+    return found

@@ -17,16 +17,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from idempo.artifacts import (
-    INIT_CYCLE,
-    SEED_CYCLE,
-    TrialLayout,
-    atomic_dir,
-    read_json,
-    read_jsonl,
-    write_json,
-    write_jsonl,
-)
+from idempo.artifacts import INIT_CYCLE, SEED_CYCLE, TrialLayout, atomic_dir
 from idempo.config import ConfigError, ExperimentConfig
 from idempo.evaluation.evaluate import Judges, evaluate_generation
 from idempo.evaluation.judging import JudgeSpec, check_refusal_rate, judge_loading, make_judge, render_rubric
@@ -37,6 +28,7 @@ from idempo.personas import Persona
 from idempo.preflight import trial_inputs
 from idempo.progress import Reporter, summary_line
 from idempo.prompts import cycle_prompts, eval_prompts, seed_prompts
+from idempo.records import DamagedArtifact, Records
 from idempo.sampling import SAMPLERS, Sampler, SamplingParams
 from idempo.seed_data import persona_chats, persona_documents
 from idempo.seeds import derive_seed
@@ -143,10 +135,16 @@ class Trial:
         self.persona, self.train_bank, self.given_seed_rows = inputs.persona, inputs.train_bank, inputs.given_seed_rows
         self.eval_set, self.judges, self.reward_judge = inputs.eval_set, inputs.judges, inputs.reward_judge
         self.documents = config.regime == "sdf"
-        self.layout.check(config.to_dict())
 
-        self.tokenizer, self.policy, self.sampler = load_engines(config)
+        # The lock, then the config comparison, then the model: a second process on a running trial, or a
+        # run with another config, is refused before it loads anything.
         self.layout.claim(config.to_dict())
+        self.records = Records(self.layout.redo_hint, reporter.note)
+        try:
+            self.tokenizer, self.policy, self.sampler = load_engines(config)
+        except BaseException:
+            self.layout.release_fresh()  # a new trial dir that never began is not left behind
+            raise
         self.teacher_usage: dict | None = None
         self._zero = None
 
@@ -166,8 +164,8 @@ class Trial:
         if self.shared is None or not self.shared.covers(cycle):
             produce(None)
             return
-        self.shared.run(cycle, self.config, self.layout, produce, self.reporter.note)
-        metrics = read_json(self.layout.metrics(cycle))
+        self.shared.run(cycle, self.config, self.layout, produce, self.reporter.note, self.records)
+        metrics = self.records.read_json(self.layout.metrics(cycle))
         if metrics["shared"]["reused"]:
             self.reporter.note(f"{summary_line(metrics)}  (shared: run by {metrics['shared']['origin']})")
 
@@ -184,8 +182,8 @@ class Trial:
         path = self.layout.data(SEED_CYCLE)
         if not path.exists():
             with self._timed("seed data", timing):
-                write_jsonl(path, drop_empty(self._build_seed_data()))
-        rows = read_jsonl(path)
+                self.records.write_jsonl(path, drop_empty(self._build_seed_data()))
+        rows = self.records.read_jsonl(path, nonempty=True)
         if self.config.regime in ("dpo", "kto"):  # M_seed prefers D_seed's answers over M_init's
             rows = self._with_initial_rejected(rows, stage_seed, timing)
         generation, stats = self._train(SEED_CYCLE, rows, stage_seed, fresh=True, timing=timing)
@@ -202,8 +200,8 @@ class Trial:
         previous = self._generation(cycle - 1)
         path = self.layout.data(cycle)
         if not path.exists():
-            write_jsonl(path, self._cycle_data(cycle, previous, timing))
-        rows = read_jsonl(path)
+            self.records.write_jsonl(path, self._cycle_data(cycle, previous, timing))
+        rows = self.records.read_jsonl(path, nonempty=True)
         fresh = self.config.init == "initial"
         generation, stats = self._train(cycle, rows, seed, fresh=fresh, start=previous, timing=timing)
         eval_rows, metrics = self._evaluate(cycle, generation, seed, timing)
@@ -211,7 +209,7 @@ class Trial:
 
     def history(self) -> list[dict]:
         cycles = [INIT_CYCLE, SEED_CYCLE, *range(1, self.config.cycles + 1)]
-        return [read_json(self.layout.metrics(c)) for c in cycles if self.layout.is_complete(c)]
+        return [self.records.read_json(self.layout.metrics(c)) for c in cycles if self.layout.is_complete(c)]
 
     # -- phases -----------------------------------------------------------------------------------
 
@@ -303,7 +301,7 @@ class Trial:
     def _from_d_seed(self, cycle: int, timing: dict) -> list[dict]:
         """A seeded draw of cycle_data.seed_mix x |D_seed| rows of D_seed, with M_init's answers as their
         rejected side in preference regimes (the seed stage's pairs)."""
-        seed_rows = kept(read_jsonl(self.layout.data(SEED_CYCLE)))
+        seed_rows = kept(self.records.read_jsonl(self.layout.data(SEED_CYCLE)))
         count = round(self.config.cycle_data.seed_mix * len(seed_rows))
         chosen = random.Random(derive_seed(self.config.seed, "seed-mix", cycle)).sample(seed_rows, count)
         rows = [{"prompt": r["prompt"], "response": r["response"], "source": "d_seed"} for r in chosen]
@@ -336,7 +334,7 @@ class Trial:
     def _initial_answers(self, prompts: list[str], seed: int, stage, timing: dict) -> dict[str, str]:
         """M_init's answers, generated once per prompt per trial and kept in `initial-answers.jsonl`."""
         path = self.layout.initial_answers
-        known = {row["prompt"]: row["response"] for row in (read_jsonl(path) if path.exists() else [])}
+        known = {row["prompt"]: row["response"] for row in (self.records.read_jsonl(path) if path.exists() else [])}
         missing = list(dict.fromkeys(p for p in prompts if p not in known))
         if missing:
             sampling = self.config.sampling
@@ -345,7 +343,7 @@ class Trial:
             )
             rows = self._answers(missing, params, INITIAL, "M_init answers (rejected side)", timing)
             known.update({row["prompt"]: row["response"] for row in rows})
-            write_jsonl(path, [{"prompt": p, "response": r} for p, r in known.items()])
+            self.records.write_jsonl(path, [{"prompt": p, "response": r} for p, r in known.items()])
         return {p: known[p] for p in prompts}
 
     def _self_reward_pairs(self, cycle: int, prompts: list[str], previous: Generation, timing: dict) -> list[dict]:
@@ -411,8 +409,9 @@ class Trial:
         weights = self.layout.weights(cycle, self.config.training.finetune)
         generation = Generation(weights.parent.name, weights)
         stats_path = weights.parent / "train.json"
-        if weights.exists() and stats_path.exists():
-            return generation, read_json(stats_path)
+        if weights.exists() and stats_path.exists():  # trained before an interruption: used once checked
+            self.records.check_tree(weights)
+            return generation, self.records.read_json(stats_path)
         with self._timed("sleep", timing):  # a sampler that shares the GPUs gives its memory to training
             self.sampler.sleep()
         label = f"cycle {cycle}: train {generation.name}" if cycle else "seed: train M_seed"
@@ -443,10 +442,11 @@ class Trial:
                 stats = self._zero_trainer().fit(
                     cycle, rows, (init_seed, train_seed), None if fresh else start, previous, str(tmp), label
                 )
+            self.records.record_tree(weights, tmp)  # before the rename: the weights never lack their record
         # the trial's policy holds the new generation, or loads it from disk when it is next used
         self.policy.loaded = generation if zero is None else None
         stats["start"] = "init" if fresh else start.name  # what M_j descends from
-        write_json(stats_path, stats)
+        self.records.write_json(stats_path, stats)
         return generation, stats
 
     def _evaluate(self, cycle: int, generation: Generation, seed: int, timing: dict) -> tuple[list[dict], dict]:
@@ -472,7 +472,7 @@ class Trial:
         timing["total"] = round(gpu.wall_s, 3)
         if gpu.busy_s is not None:
             timing.update(gpu_busy=round(gpu.busy_s, 3), gpu_idle=round(gpu.idle_s, 3))
-        write_jsonl(self.layout.eval(cycle), eval_rows)
+        self.records.write_jsonl(self.layout.eval(cycle), eval_rows)
         metrics = {"cycle": cycle, "generation": generation.name, **metrics}
         if data is not None:
             metrics["data"] = data_summary(data)
@@ -486,7 +486,7 @@ class Trial:
         if shared is not None:
             metrics["shared"] = shared  # this trial ran a stage its sweep shares (idempo.shared)
         metrics["timing_s"] = timing
-        write_json(self.layout.metrics(cycle), metrics)
+        self.records.write_json(self.layout.metrics(cycle), metrics)
         self.reporter.cycle(metrics)
 
     # -- helpers ----------------------------------------------------------------------------------
@@ -500,17 +500,24 @@ class Trial:
 
     def _done(self, cycle: int) -> bool:
         if self.layout.is_complete(cycle):
-            self.reporter.cycle(read_json(self.layout.metrics(cycle)), resumed=True)
+            self.reporter.cycle(self.records.read_json(self.layout.metrics(cycle)), resumed=True)
             return True
         return False
 
     def _generation(self, cycle: int) -> Generation:
+        """M_cycle's saved weights, checked against their record before anything samples from or trains
+        on them (once per process: a full model's files are hashed too, only the generations used)."""
         weights = self.layout.weights(cycle, self.config.training.finetune)
+        if not weights.is_dir():
+            raise DamagedArtifact(
+                f"{weights}: missing, though cycle {cycle} is complete; {self.layout.redo_hint(weights)}"
+            )
+        self.records.check_tree(weights)
         return Generation(weights.parent.name, weights)
 
     def _cycle_pool(self) -> list[str]:
         """Train-bank prompts not used by D_seed."""
-        used = {row["prompt"] for row in read_jsonl(self.layout.data(SEED_CYCLE))}
+        used = {row["prompt"] for row in self.records.read_jsonl(self.layout.data(SEED_CYCLE))}
         pool = [p for p in self.train_bank if p not in used]
         if not pool:
             raise ValueError("every train-bank prompt is in D_seed; give prompts.train a larger bank")
