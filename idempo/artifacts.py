@@ -123,7 +123,7 @@ class TrialLayout:
             raise TrialConflict(
                 f"{self.config}: not YAML ({err}); it is the config of the trial in {self.root}"
             ) from None
-        changed = _differences(stored, config)
+        changed = config_differences(stored, config)
         if changed:
             raise TrialConflict(
                 f"{self.root} holds a trial with another config ({'; '.join(changed)}); "
@@ -339,14 +339,15 @@ def locked(path: Path, on_wait: Callable[[], None] | None = None) -> Iterator[No
             fcntl.lockf(handle, fcntl.LOCK_UN)
 
 
-def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+def config_differences(old: Any, new: Any, allowed: Callable[[str], bool] = resumable, prefix: str = "") -> list[str]:
+    """'field: old -> new' for every field that differs, except the dotted fields `allowed` accepts."""
     if isinstance(old, dict) and isinstance(new, dict):
         changed = []
         for key in sorted(set(old) | set(new)):
             # a key the stored config lacks was added to idempo after the trial began: its default keeps
             # the trial as it was, so resuming it is not a change
-            if resumable(f"{prefix}{key}") or key not in old:
+            if allowed(f"{prefix}{key}") or key not in old:
                 continue
-            changed += _differences(old.get(key), new.get(key), f"{prefix}{key}.")
+            changed += config_differences(old.get(key), new.get(key), allowed, f"{prefix}{key}.")
         return changed
     return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]

@@ -97,7 +97,7 @@ def trial_dir_problems(config: ExperimentConfig, out: Path) -> list[str]:
     try:
         TrialLayout(out).check(config.to_dict())
     except TrialConflict as err:
-        return [f"--out: {err}"]
+        return [str(err) if str(err).startswith("--out") else f"--out: {err}"]
     return []
 
 

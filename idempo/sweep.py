@@ -32,7 +32,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from idempo.artifacts import INIT_CYCLE, SEED_CYCLE, _differences, read_json
+from idempo.artifacts import INIT_CYCLE, RESUMABLE_CHANGES, SEED_CYCLE, config_differences, read_json, resumable
 from idempo.config import ConfigError, ExperimentConfig, _Section, config_from_dict, describe_error, read_yaml_mapping
 from idempo.shared import STAGES, stage_groups
 
@@ -233,8 +233,14 @@ def changes_since_recorded(sweep: Sweep) -> list[str]:
         changes.append(f"trials removed: {', '.join(removed)}")
     for name in sorted(set(old) & set(new)):
         if old[name] is not None:
-            changes += [f"trial {name}: {change}" for change in _differences(old[name], new[name], ignore=set())]
+            changes += [f"trial {name}: {c}" for c in config_differences(old[name], new[name], _resumable_in_sweep)]
     return changes
+
+
+def _resumable_in_sweep(field: str) -> bool:
+    """What a resumed sweep may change: what a trial may (an endpoint's pace, a cache location), except
+    `cycles` and the amplification rule: Tune's restored state does not rerun a finished trial for them."""
+    return resumable(field) and field not in RESUMABLE_CHANGES
 
 
 def load_sweep(path: str | Path) -> Sweep:

@@ -1,6 +1,7 @@
 """W&B runs in offline mode, without Ray: one run dir per trial however often it starts, each cycle once."""
 
 import os
+import time
 from pathlib import Path
 
 from conftest import tiny_config
@@ -17,7 +18,9 @@ def metrics(cycle: int) -> dict:
 
 
 def start(directory: Path) -> Tracker:
+    """A trial's tracker starting; a second apart, as restarts are (W&B names run dirs by the second)."""
     os.environ["WANDB_SILENT"] = "true"
+    time.sleep(1.1)
     return Tracker(SETTINGS, "sweep", "trial", tiny_config(), directory)
 
 
