@@ -290,9 +290,14 @@ def summary_row(sweep: Sweep, spec: TrialSpec) -> dict:
 
 
 def _error(results, name: str) -> str | None:
+    """A failed trial's error in a line: a config error's problems, else the exception's own last line
+    (Ray's first line only says which actor raised it)."""
     for result in results:
         if result.config.get("trial") == name and result.error is not None:
-            return str(result.error).splitlines()[0][:200]
+            if isinstance(result.error, ConfigError):
+                return "; ".join(result.error.problems)[:300]
+            lines = [line for line in str(result.error).splitlines() if line.strip()]
+            return lines[-1][:200] if lines else type(result.error).__name__
     return None
 
 

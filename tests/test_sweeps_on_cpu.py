@@ -288,14 +288,18 @@ def test_ray_job_submit_runs_a_sweep_on_a_started_cluster(tmp_path):
             timeout=180,
         )
         # the README's smoke sweep, submitted from the repository as a user submits it (Ray honours .gitignore)
-        submitted = subprocess.run(
-            [str(ray_bin), "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", str(ROOT)]
-            + ["--", sys.executable, "-m", "idempo", "sweep", "sweeps/smoke-sweep.yaml"],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=900,
-        )
+        for _ in range(18):  # the head's job agent comes up a while after `ray start` returns
+            submitted = subprocess.run(
+                [str(ray_bin), "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir"]
+                + [str(ROOT), "--", sys.executable, "-m", "idempo", "sweep", "sweeps/smoke-sweep.yaml"],
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=900,
+            )
+            if "No available agent to submit job" not in submitted.stdout + submitted.stderr:
+                break
+            time.sleep(10)
         assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-2000:]
         assert "succeeded" in submitted.stdout
         for init in ("initial", "previous"):
@@ -351,3 +355,21 @@ def test_bad_trials_are_reported_together_before_anything_runs(tmp_path):
     path.write_text(text)
     with pytest.raises(ConfigError, match=r"run.storage_path: got 's3://bucket/storage'; must be a filesystem path"):
         load_sweep(path)
+
+
+def test_a_config_error_on_the_engines_node_is_not_retried_in_earnest(tmp_path):
+    """DeepSpeed passes the driver's checks (the trial asks for a GPU) but the engines' bundle has no
+    CUDA: the trial fails with the problem named, before any engine loads, and its retries fail at once
+    from the kept error instead of trying again."""
+    path = write_sweep(
+        tmp_path,
+        "no-cuda",
+        config={"cycles": 1, "training": {"deepspeed": {"stage": 2}}},
+        run={"resources": {"cpus": 1, "gpus": 1}, "max_failures": 2},
+    )
+    sweep = load_sweep(path)
+    rows = run_sweep(sweep)
+    assert "training.deepspeed" in (rows[0]["error"] or ""), rows
+    assert not sweep.trial_dir("base").exists()  # no engine ever started: nothing was loaded or written
+    (kept,) = (sweep.directory / "tune").rglob("config-error.json")
+    assert any("training.deepspeed" in p for p in read_json(kept)["problems"])
