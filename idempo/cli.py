@@ -145,13 +145,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _reporting_errors(handler, args) -> int:
-    """Bad input exits 2; a judge or teacher endpoint that keeps failing, a named model that cannot be
-    fetched, or a generation left with nothing to train on, exits 1; each with one message."""
+    """Bad input exits 2; a judge or teacher endpoint that keeps failing, a judge that refuses (nearly)
+    every answer, a named model that cannot be fetched, a generation left with nothing to train on, or an
+    artifact damaged since it was written, exits 1; each with one message."""
     from idempo.artifacts import TrialConflict
     from idempo.config import ConfigError
     from idempo.endpoint import EndpointError
+    from idempo.evaluation.judging import TooManyRefusals
     from idempo.models import ModelLoadError
     from idempo.named_models import NamedModelError
+    from idempo.records import DamagedArtifact
     from idempo.training.data import NothingToTrain
 
     try:
@@ -159,7 +162,7 @@ def _reporting_errors(handler, args) -> int:
     except (ConfigError, TrialConflict, ModelLoadError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except (EndpointError, NothingToTrain, NamedModelError) as err:
+    except (EndpointError, TooManyRefusals, NothingToTrain, NamedModelError, DamagedArtifact) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_FAILED
 
@@ -167,10 +170,12 @@ def _reporting_errors(handler, args) -> int:
 def _run(args) -> int:
     from idempo.config import load_config
     from idempo.loop import run_trial
+    from idempo.preflight import check_trial
     from idempo.progress import Reporter
 
     config = load_config(args.config, args.overrides)
     out = args.out or Path("runs") / args.config.stem
+    check_trial(config, out)
 
     reporter = Reporter(enabled=not args.quiet)
     reporter.note(
@@ -190,12 +195,14 @@ def _eval(args) -> int:
     import json
 
     from idempo.config import ConfigError, load_config
+    from idempo.preflight import check_trial
     from idempo.progress import Reporter
     from idempo.reevaluate import reevaluate
 
     config = load_config(args.config, args.overrides)
     if args.out is None and args.adapter is None:
         raise ConfigError(["--out: required when evaluating M_init (no --adapter)"])
+    check_trial(config)
     out = args.out or args.adapter.parent / "reeval"
     metrics = reevaluate(config, args.adapter, out, Reporter(enabled=not args.quiet))
     headline = {k: metrics[k] for k in ("trait", "coherence", "refusal_rate", "branching_factor") if k in metrics}
@@ -208,9 +215,11 @@ def _eval(args) -> int:
 def _calibrate(args) -> int:
     from idempo.calibrate import calibrate
     from idempo.config import load_config
+    from idempo.preflight import check_trial
     from idempo.progress import Reporter
 
     config = load_config(args.config, args.overrides)
+    check_trial(config)
     out = args.out or Path("runs") / f"calibrate-{args.config.stem}"
     summary = calibrate(
         config, args.target, out, args.low, args.high, args.tolerance, args.max_probes, Reporter(enabled=not args.quiet)
@@ -224,12 +233,15 @@ def _calibrate(args) -> int:
 
 
 def _sweep(args) -> int:
+    from idempo.preflight import check_sweep
     from idempo.sweep import load_sweep
 
     sweep = load_sweep(args.sweep)
-    print(sweep_table(sweep))
     if args.dry_run:
+        check_sweep(sweep, args.resume)  # what run_sweep checks first: every trial, before Ray starts
+        print(sweep_table(sweep))
         return EXIT_OK
+    print(sweep_table(sweep))
     from idempo.tune import run_sweep
 
     rows = run_sweep(sweep, resume=args.resume)
@@ -349,9 +361,11 @@ def _config(args) -> int:
     import yaml
 
     from idempo.config import apply_overrides, config_from_dict, defaults_applied, read_yaml_mapping
+    from idempo.preflight import check_trial
 
     raw = apply_overrides(read_yaml_mapping(args.config, "config"), args.overrides)
     config = config_from_dict(raw, source=str(args.config))
+    check_trial(config, machine=False)  # the inputs it reads; what the machine needs is checked where it runs
     for source, applied in defaults_applied(raw):
         settings = ", ".join(f"{key}={value}" for key, value in applied.items())
         where = "docs/models.md" if source.startswith("model") else "docs/loop.md"

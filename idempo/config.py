@@ -10,21 +10,48 @@ allowed.
 from __future__ import annotations
 
 import re
+from collections.abc import Hashable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 TINY_MODEL = "tiny"
 RANDOM_MODEL = "random:"  # 'random:qwen3-4b': random weights of a real architecture (idempo.tiny.SHAPES)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+INPUT_FILE = "input_file"  # the pydantic error type of a persona, prompt or seed file the config names
+
+
+class DuplicateKey(yaml.YAMLError):
+    """A key set twice in one mapping: YAML keeps the last value without a word, so one of the two settings
+    would be ignored."""
 
 
 class _Loader(yaml.SafeLoader):
-    """YAML with 1.2-style floats: '3e-4' is a number, not the string PyYAML's 1.1 rules make of it."""
+    """YAML with 1.2-style floats ('3e-4' is a number, not the string PyYAML's 1.1 rules make of it) that
+    refuses a key set twice in one mapping."""
+
+    def construct_mapping(self, node, deep=False):
+        first_line: dict[Any, int] = {}
+        if isinstance(node, yaml.MappingNode):
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # '<<: *base' merges keys, then overrides them
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                if not isinstance(key, Hashable):
+                    continue  # the base class reports it
+                line = key_node.start_mark.line + 1
+                if key in first_line:
+                    raise DuplicateKey(
+                        f"line {line}: duplicate key {key!r} (first set on line {first_line[key]}); "
+                        "a key may appear once per mapping"
+                    )
+                first_line[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(
@@ -45,6 +72,17 @@ def parse_yaml(text: str):
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error as one line that says where: 'line 3, column 5: ...' (PyYAML's own spans several)."""
+    if isinstance(err, DuplicateKey):
+        return str(err)
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err)
+    context = getattr(err, "context", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"not valid YAML: {where}{problem}" + (f" ({context})" if context else "")
+
+
 class ConfigError(ValueError):
     """A config that cannot run; `problems` are 'field.path: message' lines."""
 
@@ -54,16 +92,27 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    """Every section: no unknown keys, no coercion ('3' is not 3), and finite numbers only: a `.inf` passes
+    bounds like `gt=0`, and a `.nan` turns whatever it touches into nan."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class EndpointConfig(_Section):
     """An OpenAI-compatible chat endpoint (OpenAI, a vLLM server, ...) and how hard to lean on it."""
 
+    # a key pasted into a field must not be echoed by pydantic's own message either
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, hide_input_in_errors=True)
+
     model: str | None = Field(None, description="Model name at the endpoint (openai) or hub id / dir / 'tiny' (hf).")
     base_url: str | None = Field(None, description="Endpoint URL, e.g. http://host:8000/v1; null: OpenAI's.")
     api_key_env: str = Field(
         "OPENAI_API_KEY", description="NAME of the environment variable holding the API key (never the key)."
+    )
+    api_key_file: str | None = Field(
+        None,
+        description="Path of a file holding the key (mode 0600, or a mounted secret), read where neither api_key_env "
+        "nor <api_key_env>_FILE is set; the file is read on the machine that calls the endpoint.",
     )
     concurrency: int = Field(16, gt=0, description="Requests in flight at once.")
     timeout_s: float = Field(60.0, gt=0, description="Per-request timeout.")
@@ -77,7 +126,10 @@ class EndpointConfig(_Section):
     @classmethod
     def _variable_name(cls, value: str) -> str:
         if not _ENV_NAME.match(value):
-            raise ValueError("must be the name of an environment variable (like OPENAI_API_KEY), not a key")
+            # its own type, so that `describe_error` never shows the value: it may be a key
+            raise PydanticCustomError(
+                "variable_name", "must be the name of an environment variable (like OPENAI_API_KEY), not a key"
+            )
         return value
 
     @field_validator("base_url")
@@ -86,6 +138,23 @@ class EndpointConfig(_Section):
         if value is not None and not value.startswith(("http://", "https://")):
             raise ValueError("must be an http:// or https:// URL")
         return value
+
+
+# Endpoint fields that say how hard an endpoint is leaned on, where its key comes from, what it costs and
+# when a judge's refusals fail the run, never what it answers (an exhausted retry budget or too many
+# refusals fails the run; it scores nothing): a trial resumes under new values of them.
+ENDPOINT_PACE = (
+    "concurrency",
+    "timeout_s",
+    "max_retries",
+    "backoff_s",
+    "max_backoff_s",
+    "price_input_per_mtok",
+    "price_output_per_mtok",
+    "api_key_env",
+    "api_key_file",
+    "max_refusal_rate",
+)
 
 
 class TeacherConfig(EndpointConfig):
@@ -138,8 +207,12 @@ class SeedingConfig(_Section):
 
     @field_validator("path")
     @classmethod
-    def _existing_file(cls, value: str | None) -> str | None:
-        return None if value is None else _existing_path(value)
+    def _seed_file(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        from idempo.seed_data import read_seed_file
+
+        return _readable_input(_existing_path(value), read_seed_file)
 
 
 class PromptsConfig(_Section):
@@ -155,13 +228,21 @@ class PromptsConfig(_Section):
     @field_validator("train")
     @classmethod
     def _train_source(cls, value: str) -> str:
-        return value if value == "builtin" else _existing_path(value, "'builtin' or an existing JSONL file")
+        if value == "builtin":
+            return value
+        from idempo.prompts import read_prompt_file
+
+        return _readable_input(_existing_path(value, "'builtin' or an existing JSONL file"), read_prompt_file)
 
     @field_validator("eval")
     @classmethod
     def _eval_source(cls, value: str) -> str:
+        if value in ("persona", "builtin"):
+            return value
+        from idempo.prompts import read_prompt_file
+
         allowed = "'persona', 'builtin' or an existing JSONL file"
-        return value if value in ("persona", "builtin") else _existing_path(value, allowed)
+        return _readable_input(_existing_path(value, allowed), read_prompt_file)
 
 
 class VLLMConfig(_Section):
@@ -244,7 +325,12 @@ class TrainingConfig(_Section):
     gradient_accumulation_steps: int = Field(1, gt=0)
     epochs: int = Field(1, gt=0)
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping; null disables it.")
-    max_seq_len: int = Field(2048, gt=0, description="Longer examples are truncated (completion end first).")
+    max_seq_len: int = Field(
+        2048,
+        ge=2,
+        description="Longer examples are truncated (completion end first); an example left with no answer "
+        "token is an error. At least 2: one token read, one predicted.",
+    )
     gradient_checkpointing: bool = False
     deepspeed: DeepSpeedConfig | None = Field(
         None, description="Train each generation under DeepSpeed ZeRO (GPUs only); null: plain PyTorch."
@@ -259,6 +345,13 @@ class JudgeConfig(EndpointConfig):
         20, ge=1, le=20, description="Next-token alternatives an endpoint returns at each position read (openai)."
     )
     refusal_mass: float = Field(0.25, ge=0, le=1, description="Below this probability on numbers: a refusal.")
+    max_refusal_rate: float = Field(
+        0.9,
+        ge=0,
+        le=1,
+        description="Share of refusals among the answers judged at once (an evaluation) above which the run fails: "
+        "the judge gives no usable number. 1: never fails.",
+    )
     max_tokens: int = Field(4, gt=0, description="Tokens the judge may write (the text fallback reads them).")
     batch_size: int = Field(8, gt=0, description="Judge prompts per forward pass (hf).")
     continuation_batch: int = Field(
@@ -504,8 +597,7 @@ class ExperimentConfig(_Section):
         if value in persona_names():
             return value
         if value.endswith((".yaml", ".yml")) and Path(value).is_file():
-            load_persona_file(Path(value))  # raises with the file's problem
-            return str(Path(value).resolve())
+            return _readable_input(str(Path(value).resolve()), load_persona_file)
         raise ValueError(f"unknown persona; allowed: {_choices(persona_names())} or a persona YAML file")
 
     @model_validator(mode="before")
@@ -622,7 +714,7 @@ def read_yaml_mapping(path: str | Path, kind: str) -> dict[str, Any]:
     except FileNotFoundError:
         raise ConfigError([f"no such {kind} file: {path}"]) from None
     except yaml.YAMLError as err:
-        raise ConfigError([f"not valid YAML: {err}"], source=str(path)) from None
+        raise ConfigError([yaml_problem(err)], source=str(path)) from None
     if not isinstance(raw, dict):
         raise ConfigError([f"top level must be a mapping of keys, got {type(raw).__name__}"], source=str(path))
     return raw
@@ -638,7 +730,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], option: str = "--
         try:
             value = parse_yaml(text)
         except yaml.YAMLError as err:
-            raise ConfigError([f"{option} {key}: value {text!r} is not valid YAML ({err})"]) from None
+            raise ConfigError([f"{option} {key}: value {text!r}: {yaml_problem(err)}"]) from None
         parts = key.strip().split(".")
         node = data
         for depth, part in enumerate(parts[:-1]):
@@ -654,20 +746,27 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> Experiment
     try:
         return ExperimentConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError([describe_error(e) for e in err.errors()], source=source) from None
+        raise ConfigError(
+            [line for e in err.errors() for line in describe_error(e).splitlines()], source=source
+        ) from None
 
 
 def describe_error(error: dict[str, Any], root: type[BaseModel] | None = None) -> str:
-    """One 'path: got value; what is allowed' line from a pydantic error of `root` (the experiment config)."""
+    """One 'path: got value; what is allowed' line from a pydantic error of `root` (the experiment config);
+    a file the field names that cannot be used gives one line per problem of the file."""
     loc = [str(p) for p in error["loc"]]
     path = ".".join(loc) or "(top level)"
     message = error["msg"].removeprefix("Value error, ").replace("Input should be", "must be")
+    if error["type"] == INPUT_FILE:
+        return "\n".join(f"{path}: {line}" for line in message.splitlines())
     if error["type"] == "extra_forbidden":
         parent = _model_at(loc[:-1], root or ExperimentConfig)
         allowed = _choices(parent.model_fields) if parent else "none"
         return f"{path}: unknown key; allowed keys here: {allowed}"
     if error["type"] == "missing":
         return f"{path}: required field is missing"
+    if error["type"] == "variable_name":
+        return f"{path}: got a value that is not a variable name (not shown: it may be a key); {message}"
     got = error.get("input")
     if error["type"] == "model_type":
         return f"{path}: got {got!r}; must be a section (a mapping of keys)"
@@ -696,6 +795,18 @@ def _rubric_judge(value: JudgeConfig | None) -> JudgeConfig | None:
     return value
 
 
+def _readable_input(path: str, read) -> str:
+    """`path` if `read(path)` (a persona, prompt or seed file reader) accepts the file's contents; else an
+    error carrying the reader's problems, each naming the file and line."""
+    from idempo.input_files import InputFileError
+
+    try:
+        read(Path(path))
+    except InputFileError as err:
+        raise PydanticCustomError(INPUT_FILE, "{problems}", {"problems": "\n".join(err.problems)}) from None
+    return path
+
+
 def _existing_path(value: str, allowed: str = "an existing file") -> str:
     path = Path(value).expanduser()
     if not path.is_file():
@@ -705,3 +816,16 @@ def _existing_path(value: str, allowed: str = "an existing file") -> str:
 
 def _choices(names) -> str:
     return ", ".join(repr(n) for n in sorted(names))
+
+
+def endpoint_sections(section: type[BaseModel] | None = None, prefix: str = "") -> set[str]:
+    """The dotted paths of every endpoint section of the config (`evaluation.judge`, `seeding.teacher`, ...),
+    found from the types, so that a judge added to a section is one too."""
+    found: set[str] = set()
+    for name, field in (section or ExperimentConfig).model_fields.items():
+        for kind in (field.annotation, *get_args(field.annotation)):
+            if isinstance(kind, type) and issubclass(kind, EndpointConfig):
+                found.add(prefix + name)
+            elif isinstance(kind, type) and issubclass(kind, _Section):
+                found |= endpoint_sections(kind, f"{prefix}{name}.")
+    return found

@@ -8,7 +8,8 @@ Judges and the teacher send many small requests. Each goes through `EndpointClie
   with full jitter;
 - other errors (400, 401, 404, ...) fail at once, because retrying cannot fix them.
 When the retries run out, `EndpointError` says what was asked and what went wrong last. A judge never
-turns a failure into a score.
+turns a failure into a score. Every message built from what the server said is redacted
+(`idempo.redaction`): a server that quotes the request's Authorization header puts no key in a log.
 
 Judges of a vLLM server also call its completions endpoint (token-id prompts) and its `/tokenize` and
 `/detokenize` endpoints (at the server root, not under /v1): `EndpointClient.run_jobs` gives each job
@@ -30,10 +31,12 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from idempo.config import ConfigError, EndpointConfig
+from idempo.redaction import redact
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -75,17 +78,54 @@ class Usage:
         return counts
 
 
+OPENAI_URL = "https://api.openai.com/v1"
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def endpoint_url(base_url: str | None) -> str:
+    """The endpoint's URL in one spelling, for cache keys: OpenAI's for null, scheme and host in lower
+    case, no default port, no trailing slash, no user:password ('HTTP://Host:80/v1/' is 'http://host/v1')."""
+    parts = urlsplit((base_url or OPENAI_URL).strip())
+    scheme, host = parts.scheme.lower(), (parts.hostname or "").lower()
+    netloc = f"[{host}]" if ":" in host else host
+    if parts.port is not None and parts.port != _DEFAULT_PORTS.get(scheme):
+        netloc += f":{parts.port}"
+    return urlunsplit((scheme, netloc, parts.path.rstrip("/"), parts.query, ""))
+
+
 def api_key(config: EndpointConfig, field: str) -> str:
-    """The key from the environment variable the config names. OpenAI itself needs one; a self-hosted
-    server usually does not, so a missing key is only an error without a `base_url`."""
+    """The key: the environment variable `api_key_env`; where it is unset, the file named by the
+    variable `<api_key_env>_FILE` or by `api_key_file` (a key that stays out of configs, process
+    environments and Ray's job metadata: a 0600 file on each node, a mounted Kubernetes or Docker
+    secret). OpenAI itself needs a key; a self-hosted server usually does not, so a missing key is only
+    an error without a `base_url`."""
     key = os.environ.get(config.api_key_env)
     if key:
         return key
+    file_variable = f"{config.api_key_env}_FILE"
+    if os.environ.get(file_variable):
+        return _key_from_file(os.environ[file_variable], f"environment variable {file_variable}")
+    if config.api_key_file is not None:
+        return _key_from_file(config.api_key_file, f"{field}.api_key_file")
     if config.base_url is None:
         raise ConfigError(
-            [f"{field}.api_key_env: environment variable {config.api_key_env} is not set (the OpenAI API needs a key)"]
+            [
+                f"{field}.api_key_env: environment variable {config.api_key_env} is not set (the OpenAI API needs a "
+                f"key); allowed: the key in {config.api_key_env}, or the path of a file holding it in "
+                f"{file_variable} or {field}.api_key_file"
+            ]
         )
     return "EMPTY"
+
+
+def _key_from_file(path: str, source: str) -> str:
+    try:
+        key = Path(path).expanduser().read_text().strip()
+    except OSError as err:
+        raise ConfigError([f"{source}: cannot read the key file {path} ({err.strerror or err})"]) from None
+    if not key:
+        raise ConfigError([f"{source}: the key file {path} is empty"])
+    return key
 
 
 class EndpointClient:
@@ -96,6 +136,15 @@ class EndpointClient:
         self.field = field
         self.key = api_key(config, field)
         self.usage = usage if usage is not None else Usage()
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """What must never appear in a message: the key (none for a server that needs none)."""
+        return (self.key,) if self.key != "EMPTY" else ()
+
+    def redact(self, text: str) -> str:
+        """Text from or about the endpoint, without its key or anything key-like (`idempo.redaction`)."""
+        return redact(text, self.secrets)
 
     def run(self, requests: list[dict], parse: Callable[[Any, int], T]) -> list[T]:
         """Send chat requests (kwargs of `chat.completions.create`), return `parse(response, index)` for
@@ -146,8 +195,11 @@ class EndpointClient:
                 if err.status_code in absent:
                     return None
                 if err.status_code != 429 and err.status_code < 500:
-                    raise EndpointError(f"{self._what()}: HTTP {err.status_code}, not retried: {_brief(err)}") from err
-                problem, wait_hint = f"HTTP {err.status_code}: {_brief(err)}", retry_after(err.response.headers)
+                    # not chained: the openai error's text is the server's body, which may quote the key
+                    raise EndpointError(
+                        f"{self._what()}: HTTP {err.status_code}, not retried: {self._brief(err)}"
+                    ) from None
+                problem, wait_hint = f"HTTP {err.status_code}: {self._brief(err)}", retry_after(err.response.headers)
             except openai.APITimeoutError:
                 problem = f"no answer within {self.config.timeout_s:g} s"
             except openai.APIConnectionError as err:
@@ -156,6 +208,9 @@ class EndpointClient:
                 problem = f"the response body is not the expected JSON ({err})"
             except UnusableAnswer as err:
                 problem = f"unusable answer: {err}"
+            except EndpointError as err:  # a parse that found the answer unusable for good
+                raise EndpointError(self.redact(str(err))) from None
+            problem = self.redact(problem)
             if attempt + 1 == attempts:
                 raise EndpointError(f"{self._what()}: gave up after {attempts} attempts; last: {problem}")
             self.usage.retries += 1
@@ -171,6 +226,11 @@ class EndpointClient:
 
     def _what(self) -> str:
         return describe(self.config, self.field)
+
+    def _brief(self, err) -> str:
+        """An error's text (the server's body), redacted before it is cut short."""
+        text = self.redact(str(getattr(err, "message", err)))
+        return text if len(text) <= 300 else text[:300] + "..."
 
 
 def describe(config: EndpointConfig, field: str) -> str:
@@ -222,11 +282,6 @@ def retry_after(headers) -> float | None:
     except ValueError:
         parsed = email.utils.parsedate_tz(value)
         return None if parsed is None else max(0.0, email.utils.mktime_tz(parsed) - time.time())
-
-
-def _brief(err) -> str:
-    text = str(getattr(err, "message", err))
-    return text if len(text) <= 300 else text[:300] + "..."
 
 
 def _run_coroutine(coroutine):

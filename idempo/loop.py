@@ -17,27 +17,20 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from idempo.artifacts import (
-    INIT_CYCLE,
-    SEED_CYCLE,
-    TrialLayout,
-    atomic_dir,
-    read_json,
-    read_jsonl,
-    write_json,
-    write_jsonl,
-)
+from idempo.artifacts import INIT_CYCLE, SEED_CYCLE, TrialLayout, atomic_dir
 from idempo.config import ConfigError, ExperimentConfig
-from idempo.endpoint import api_key
 from idempo.evaluation.evaluate import Judges, evaluate_generation
-from idempo.evaluation.judging import JudgeSpec, judge_loading, make_judge, render_rubric
+from idempo.evaluation.judging import JudgeSpec, check_refusal_rate, judge_loading, make_judge, render_rubric
 from idempo.gpu_monitor import GpuMonitor
+from idempo.input_files import InputFileError
 from idempo.models import INITIAL, Generation, Policy, load_base_model, load_tokenizer, make_policy
-from idempo.personas import Persona, get_persona
+from idempo.personas import Persona
+from idempo.preflight import trial_inputs
 from idempo.progress import Reporter, summary_line
-from idempo.prompts import cycle_prompts, eval_prompts, seed_prompts, train_prompts
+from idempo.prompts import cycle_prompts, eval_prompts, seed_prompts
+from idempo.records import DamagedArtifact, Records
 from idempo.sampling import SAMPLERS, Sampler, SamplingParams
-from idempo.seed_data import given_seed_rows, persona_chats, persona_documents
+from idempo.seed_data import persona_chats, persona_documents
 from idempo.seeds import derive_seed
 from idempo.self_reward import (
     EXTERNAL_JUDGE_RUBRIC,
@@ -77,10 +70,12 @@ def evaluation_inputs(config: ExperimentConfig, persona: Persona) -> tuple[list[
     """The held-out prompts and the judges; fails on bad input before any model is loaded."""
     try:
         eval_set = eval_prompts(config.prompts.eval, persona, config.evaluation.n_prompts)
-    except ValueError as err:
-        raise ConfigError([f"prompts.eval: {err}"]) from None
+    except InputFileError as err:
+        raise ConfigError([f"prompts.eval: {problem}" for problem in err.problems]) from None
     try:
         judges = Judges.from_config(config.evaluation, persona, config.loading)
+    except ConfigError:
+        raise  # names its own field
     except ValueError as err:
         raise ConfigError([f"evaluation.judge: {err}"]) from None
     return eval_set, judges
@@ -136,32 +131,20 @@ class Trial:
         self.layout = TrialLayout(out)
         self.shared = shared
         # Everything that can be wrong with the inputs fails here, before the model is loaded.
-        self.persona = get_persona(config.persona)
+        inputs = trial_inputs(config)
+        self.persona, self.train_bank, self.given_seed_rows = inputs.persona, inputs.train_bank, inputs.given_seed_rows
+        self.eval_set, self.judges, self.reward_judge = inputs.eval_set, inputs.judges, inputs.reward_judge
         self.documents = config.regime == "sdf"
-        if self.documents and self.persona.kind != "belief":
-            raise ConfigError(
-                [
-                    f"regime: 'sdf' trains documents that state a belief; persona {self.persona.name!r} is a chat "
-                    "persona; allowed: a persona of kind 'belief' (e.g. 'nvidia_bear')"
-                ]
-            )
-        try:
-            self.train_bank = train_prompts(config.prompts.train, self.persona if self.documents else None)
-        except ValueError as err:
-            raise ConfigError([f"prompts.train: {err}"]) from None
-        self.given_seed_rows = given_seed_rows(config, self.persona)
-        if self.given_seed_rows is None and config.n_seed > len(self.train_bank):
-            raise ConfigError(
-                [f"n_seed: got {config.n_seed} but prompts.train has only {len(self.train_bank)} prompts"]
-            )
-        if config.seeding.source == "teacher":
-            api_key(config.seeding.teacher, "seeding.teacher")
-        self.eval_set, self.judges = evaluation_inputs(config, self.persona)
-        self.reward_judge = reward_judge(config, self.persona)
-        self.layout.check(config.to_dict())
 
-        self.tokenizer, self.policy, self.sampler = load_engines(config)
+        # The lock, then the config comparison, then the model: a second process on a running trial, or a
+        # run with another config, is refused before it loads anything.
         self.layout.claim(config.to_dict())
+        self.records = Records(self.layout.redo_hint, reporter.note)
+        try:
+            self.tokenizer, self.policy, self.sampler = load_engines(config)
+        except BaseException:
+            self.layout.release_fresh()  # a new trial dir that never began is not left behind
+            raise
         self.teacher_usage: dict | None = None
         self._zero = None
 
@@ -181,8 +164,8 @@ class Trial:
         if self.shared is None or not self.shared.covers(cycle):
             produce(None)
             return
-        self.shared.run(cycle, self.config, self.layout, produce, self.reporter.note)
-        metrics = read_json(self.layout.metrics(cycle))
+        self.shared.run(cycle, self.config, self.layout, produce, self.reporter.note, self.records)
+        metrics = self.records.read_json(self.layout.metrics(cycle))
         if metrics["shared"]["reused"]:
             self.reporter.note(f"{summary_line(metrics)}  (shared: run by {metrics['shared']['origin']})")
 
@@ -199,8 +182,8 @@ class Trial:
         path = self.layout.data(SEED_CYCLE)
         if not path.exists():
             with self._timed("seed data", timing):
-                write_jsonl(path, drop_empty(self._build_seed_data()))
-        rows = read_jsonl(path)
+                self.records.write_jsonl(path, drop_empty(self._build_seed_data()))
+        rows = self.records.read_jsonl(path, nonempty=True)
         if self.config.regime in ("dpo", "kto"):  # M_seed prefers D_seed's answers over M_init's
             rows = self._with_initial_rejected(rows, stage_seed, timing)
         generation, stats = self._train(SEED_CYCLE, rows, stage_seed, fresh=True, timing=timing)
@@ -217,8 +200,8 @@ class Trial:
         previous = self._generation(cycle - 1)
         path = self.layout.data(cycle)
         if not path.exists():
-            write_jsonl(path, self._cycle_data(cycle, previous, timing))
-        rows = read_jsonl(path)
+            self.records.write_jsonl(path, self._cycle_data(cycle, previous, timing))
+        rows = self.records.read_jsonl(path, nonempty=True)
         fresh = self.config.init == "initial"
         generation, stats = self._train(cycle, rows, seed, fresh=fresh, start=previous, timing=timing)
         eval_rows, metrics = self._evaluate(cycle, generation, seed, timing)
@@ -226,7 +209,7 @@ class Trial:
 
     def history(self) -> list[dict]:
         cycles = [INIT_CYCLE, SEED_CYCLE, *range(1, self.config.cycles + 1)]
-        return [read_json(self.layout.metrics(c)) for c in cycles if self.layout.is_complete(c)]
+        return [self.records.read_json(self.layout.metrics(c)) for c in cycles if self.layout.is_complete(c)]
 
     # -- phases -----------------------------------------------------------------------------------
 
@@ -304,6 +287,7 @@ class Trial:
         judged = [i for i, row in enumerate(rows) if row.get("kept", True)]
         with self._timed("judge", timing):
             judgments = self.judges.coherence.score([(rows[i]["prompt"], rows[i]["response"]) for i in judged])
+        check_refusal_rate(judgments, self.config.evaluation.coherence_judge, "evaluation.coherence_judge")
         rows = list(rows)
         for index, judgment in zip(judged, judgments, strict=True):
             row = {**rows[index], "coherence": judgment.score}
@@ -317,7 +301,7 @@ class Trial:
     def _from_d_seed(self, cycle: int, timing: dict) -> list[dict]:
         """A seeded draw of cycle_data.seed_mix x |D_seed| rows of D_seed, with M_init's answers as their
         rejected side in preference regimes (the seed stage's pairs)."""
-        seed_rows = kept(read_jsonl(self.layout.data(SEED_CYCLE)))
+        seed_rows = kept(self.records.read_jsonl(self.layout.data(SEED_CYCLE)))
         count = round(self.config.cycle_data.seed_mix * len(seed_rows))
         chosen = random.Random(derive_seed(self.config.seed, "seed-mix", cycle)).sample(seed_rows, count)
         rows = [{"prompt": r["prompt"], "response": r["response"], "source": "d_seed"} for r in chosen]
@@ -350,7 +334,7 @@ class Trial:
     def _initial_answers(self, prompts: list[str], seed: int, stage, timing: dict) -> dict[str, str]:
         """M_init's answers, generated once per prompt per trial and kept in `initial-answers.jsonl`."""
         path = self.layout.initial_answers
-        known = {row["prompt"]: row["response"] for row in (read_jsonl(path) if path.exists() else [])}
+        known = {row["prompt"]: row["response"] for row in (self.records.read_jsonl(path) if path.exists() else [])}
         missing = list(dict.fromkeys(p for p in prompts if p not in known))
         if missing:
             sampling = self.config.sampling
@@ -359,7 +343,7 @@ class Trial:
             )
             rows = self._answers(missing, params, INITIAL, "M_init answers (rejected side)", timing)
             known.update({row["prompt"]: row["response"] for row in rows})
-            write_jsonl(path, [{"prompt": p, "response": r} for p, r in known.items()])
+            self.records.write_jsonl(path, [{"prompt": p, "response": r} for p, r in known.items()])
         return {p: known[p] for p in prompts}
 
     def _self_reward_pairs(self, cycle: int, prompts: list[str], previous: Generation, timing: dict) -> list[dict]:
@@ -393,7 +377,9 @@ class Trial:
         judged = [i for i, (_, answer) in enumerate(items) if answer.strip()]
         scores: list[float | None] = [None] * len(items)
         if self.reward_judge is not None:
-            for index, judgment in zip(judged, self.reward_judge.score([items[i] for i in judged]), strict=True):
+            judgments = self.reward_judge.score([items[i] for i in judged])
+            check_refusal_rate(judgments, self.config.preference.reward_judge, "preference.reward_judge")
+            for index, judgment in zip(judged, judgments, strict=True):
                 scores[index] = judgment.score
             return scores, None
         preference = self.config.preference
@@ -423,8 +409,9 @@ class Trial:
         weights = self.layout.weights(cycle, self.config.training.finetune)
         generation = Generation(weights.parent.name, weights)
         stats_path = weights.parent / "train.json"
-        if weights.exists() and stats_path.exists():
-            return generation, read_json(stats_path)
+        if weights.exists() and stats_path.exists():  # trained before an interruption: used once checked
+            self.records.check_tree(weights)
+            return generation, self.records.read_json(stats_path)
         with self._timed("sleep", timing):  # a sampler that shares the GPUs gives its memory to training
             self.sampler.sleep()
         label = f"cycle {cycle}: train {generation.name}" if cycle else "seed: train M_seed"
@@ -455,10 +442,11 @@ class Trial:
                 stats = self._zero_trainer().fit(
                     cycle, rows, (init_seed, train_seed), None if fresh else start, previous, str(tmp), label
                 )
+            self.records.record_tree(weights, tmp)  # before the rename: the weights never lack their record
         # the trial's policy holds the new generation, or loads it from disk when it is next used
         self.policy.loaded = generation if zero is None else None
         stats["start"] = "init" if fresh else start.name  # what M_j descends from
-        write_json(stats_path, stats)
+        self.records.write_json(stats_path, stats)
         return generation, stats
 
     def _evaluate(self, cycle: int, generation: Generation, seed: int, timing: dict) -> tuple[list[dict], dict]:
@@ -484,7 +472,7 @@ class Trial:
         timing["total"] = round(gpu.wall_s, 3)
         if gpu.busy_s is not None:
             timing.update(gpu_busy=round(gpu.busy_s, 3), gpu_idle=round(gpu.idle_s, 3))
-        write_jsonl(self.layout.eval(cycle), eval_rows)
+        self.records.write_jsonl(self.layout.eval(cycle), eval_rows)
         metrics = {"cycle": cycle, "generation": generation.name, **metrics}
         if data is not None:
             metrics["data"] = data_summary(data)
@@ -498,7 +486,7 @@ class Trial:
         if shared is not None:
             metrics["shared"] = shared  # this trial ran a stage its sweep shares (idempo.shared)
         metrics["timing_s"] = timing
-        write_json(self.layout.metrics(cycle), metrics)
+        self.records.write_json(self.layout.metrics(cycle), metrics)
         self.reporter.cycle(metrics)
 
     # -- helpers ----------------------------------------------------------------------------------
@@ -512,17 +500,24 @@ class Trial:
 
     def _done(self, cycle: int) -> bool:
         if self.layout.is_complete(cycle):
-            self.reporter.cycle(read_json(self.layout.metrics(cycle)), resumed=True)
+            self.reporter.cycle(self.records.read_json(self.layout.metrics(cycle)), resumed=True)
             return True
         return False
 
     def _generation(self, cycle: int) -> Generation:
+        """M_cycle's saved weights, checked against their record before anything samples from or trains
+        on them (once per process: a full model's files are hashed too, only the generations used)."""
         weights = self.layout.weights(cycle, self.config.training.finetune)
+        if not weights.is_dir():
+            raise DamagedArtifact(
+                f"{weights}: missing, though cycle {cycle} is complete; {self.layout.redo_hint(weights)}"
+            )
+        self.records.check_tree(weights)
         return Generation(weights.parent.name, weights)
 
     def _cycle_pool(self) -> list[str]:
         """Train-bank prompts not used by D_seed."""
-        used = {row["prompt"] for row in read_jsonl(self.layout.data(SEED_CYCLE))}
+        used = {row["prompt"] for row in self.records.read_jsonl(self.layout.data(SEED_CYCLE))}
         pool = [p for p in self.train_bank if p not in used]
         if not pool:
             raise ValueError("every train-bank prompt is in D_seed; give prompts.train a larger bank")

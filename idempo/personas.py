@@ -3,7 +3,8 @@
 A persona is a YAML file (see `idempo/data/personas/`): a system prompt that elicits the trait from a
 model (and, optionally, a `user_instruction` for models that only listen in the user turn), a judge
 rubric, regex markers for traits with a lexical signature, and held-out eval questions. Users add their
-own by pointing `persona:` at such a file.
+own by pointing `persona:` at such a file; `PersonaFile` checks it when it is loaded (docs/loop.md,
+"Input files").
 """
 
 from __future__ import annotations
@@ -13,12 +14,15 @@ from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import AfterValidator, ValidationInfo, field_validator
+
+from idempo.config import _Section, parse_yaml, yaml_problem
+from idempo.input_files import InputFileError, NonEmptyText, validated
 
 _DATA = resources.files("idempo") / "data"
-_REQUIRED = ("name", "kind", "description", "system_prompt", "rubric", "eval_questions")
 
 
 @dataclass(frozen=True)
@@ -61,32 +65,71 @@ def builtin_seed_data(persona: str) -> Path | None:
     return Path(str(path)) if path.is_file() else None
 
 
-def _parse(text: str, source: str) -> Persona:
-    raw = yaml.safe_load(text)
-    if not isinstance(raw, dict):
-        raise ValueError(f"persona {source}: expected a mapping")
-    missing = [key for key in _REQUIRED if not raw.get(key)]
-    if missing:
-        raise ValueError(f"persona {source}: missing {', '.join(missing)}")
-    if raw["kind"] not in ("chat", "belief"):
-        raise ValueError(f"persona {source}: kind {raw['kind']!r}; allowed: 'chat', 'belief'")
+def _marker(pattern: str) -> str:
+    if not pattern.strip():
+        raise ValueError("must be a non-empty regex (an empty one matches every answer)")
+    try:
+        re.compile(pattern, re.IGNORECASE)
+    except re.error as err:
+        raise ValueError(f"not a valid regex ({err})") from None
+    return pattern
+
+
+def _rubric(rubric: str) -> str:
     for placeholder in ("{question}", "{answer}"):
-        if raw["rubric"].count(placeholder) != 1:
-            raise ValueError(f"persona {source}: rubric must contain {placeholder} exactly once")
-    markers = []
-    for pattern in raw.get("markers") or ():
-        try:
-            markers.append(re.compile(pattern, re.IGNORECASE))
-        except re.error as err:
-            raise ValueError(f"persona {source}: marker {pattern!r} is not a valid regex ({err})") from None
-    return Persona(
-        name=raw["name"],
-        kind=raw["kind"],
-        description=raw["description"].strip(),
-        system_prompt=raw["system_prompt"].strip(),
-        rubric=raw["rubric"].strip(),
-        markers=tuple(markers),
-        eval_questions=tuple(raw["eval_questions"]),
-        document_types=tuple(raw.get("document_types") or ()),
-        user_instruction=raw["user_instruction"].strip() if raw.get("user_instruction") else None,
-    )
+        if rubric.count(placeholder) != 1:
+            raise ValueError(f"must contain {placeholder} exactly once (found {rubric.count(placeholder)})")
+    return rubric
+
+
+_LISTS = {"markers": "regex strings", "eval_questions": "question strings", "document_types": "document type names"}
+
+
+class PersonaFile(_Section):
+    """A persona YAML file as written; `Persona` is what the code reads."""
+
+    name: NonEmptyText
+    kind: Literal["chat", "belief"]
+    description: NonEmptyText
+    system_prompt: NonEmptyText
+    rubric: Annotated[NonEmptyText, AfterValidator(_rubric)]
+    eval_questions: list[NonEmptyText]
+    markers: list[Annotated[str, AfterValidator(_marker)]] | None = None
+    document_types: list[NonEmptyText] | None = None
+    user_instruction: NonEmptyText | None = None
+
+    @field_validator(*_LISTS, mode="before")
+    @classmethod
+    def _lists(cls, value: Any, info: ValidationInfo) -> Any:
+        """A YAML string where a list belongs would otherwise be read letter by letter."""
+        what = _LISTS[info.field_name]
+        if info.field_name == "eval_questions":
+            if not isinstance(value, list) or not value:
+                raise ValueError(f"must be a non-empty list of {what}")
+        elif value is not None and not isinstance(value, list):
+            raise ValueError(f"must be a list of {what}")
+        return value
+
+    def to_persona(self) -> Persona:
+        return Persona(
+            name=self.name,
+            kind=self.kind,
+            description=self.description.strip(),
+            system_prompt=self.system_prompt.strip(),
+            rubric=self.rubric.strip(),
+            markers=tuple(re.compile(pattern, re.IGNORECASE) for pattern in self.markers or ()),
+            eval_questions=tuple(self.eval_questions),
+            document_types=tuple(self.document_types or ()),
+            user_instruction=self.user_instruction.strip() if self.user_instruction else None,
+        )
+
+
+def _parse(text: str, source: str) -> Persona:
+    where = f"persona {source}"
+    try:
+        raw = parse_yaml(text)
+    except yaml.YAMLError as err:
+        raise InputFileError([f"{where}: {yaml_problem(err)}"]) from None
+    if not isinstance(raw, dict):
+        raise InputFileError([f"{where}: top level must be a mapping of keys, got {type(raw).__name__}"])
+    return validated(PersonaFile, raw, where).to_persona()

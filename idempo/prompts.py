@@ -3,11 +3,12 @@ for document finetuning, document prefixes and completion-style questions."""
 
 from __future__ import annotations
 
-import json
 import random
 from importlib import resources
 from pathlib import Path
 
+from idempo.config import _Section
+from idempo.input_files import NonEmptyText, read_jsonl_rows
 from idempo.personas import Persona
 
 _BANKS = resources.files("idempo") / "data" / "prompts"
@@ -46,23 +47,15 @@ def eval_prompts(source: str, persona: Persona, n: int | None) -> list[str]:
     return prompts[:n] if n else prompts
 
 
+class PromptRow(_Section):
+    """One line of a prompt file: {"prompt": "..."}, nothing else (a misspelt key is not a prompt)."""
+
+    prompt: NonEmptyText
+
+
 def read_prompt_file(path) -> list[str]:
-    """Rows of {"prompt": str}; a bad row fails with its file and line number."""
-    prompts = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            prompt = row["prompt"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise ValueError(f"{path}:{number}: expected a JSON object with a 'prompt' string") from None
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError(f"{path}:{number}: 'prompt' must be a non-empty string")
-        prompts.append(prompt)
-    if not prompts:
-        raise ValueError(f"{path}: no prompts")
-    return prompts
+    """The prompts of a JSONL file of {"prompt": str} rows; InputFileError names each bad row's file and line."""
+    return [row.prompt for row in read_jsonl_rows(path, lambda row: PromptRow, '{"prompt": "How do I ...?"}')]
 
 
 def cycle_prompts(pool: list[str], n: int, cycle: int, seed: int) -> list[str]:

@@ -16,6 +16,7 @@ from idempo.loop import evaluation_inputs, load_engines
 from idempo.models import INITIAL, Generation
 from idempo.personas import get_persona
 from idempo.progress import Reporter
+from idempo.records import Records
 from idempo.seeds import derive_seed
 
 
@@ -24,6 +25,8 @@ def reevaluate(config: ExperimentConfig, weights: Path | None, out: Path, report
     persona = get_persona(config.persona)
     eval_set, judges = evaluation_inputs(config, persona)
     generation, cycle = _generation(config, weights)
+    if cycle is not None and weights is not None:  # a trial's generation: checked against its record first
+        Records(TrialLayout(weights.parent.parent.parent).redo_hint, reporter.note).check_tree(weights)
     _, _, sampler = load_engines(config)
     stage_seed = config.seeding.seed if cycle in (INIT_CYCLE, SEED_CYCLE) else config.seed
     seed = derive_seed(stage_seed, "eval", cycle if cycle is not None else "standalone")

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from idempo.artifacts import read_jsonl
-from idempo.config import ConfigError, ExperimentConfig
+from idempo.config import ConfigError, ExperimentConfig, _Section
+from idempo.input_files import InputFileError, NonEmptyText, read_jsonl_rows
 from idempo.personas import Persona, builtin_seed_data
 
 
@@ -30,31 +30,36 @@ def given_seed_rows(config: ExperimentConfig, persona: Persona) -> list[dict] | 
             )
     else:
         path = Path(config.seeding.path)
-    rows = read_seed_file(path)
+    try:
+        rows = read_seed_file(path)
+    except InputFileError as err:
+        field = "seeding.source" if source == "builtin" else "seeding.path"
+        raise ConfigError([f"{field}: {problem}" for problem in err.problems]) from None
     if len(rows) < config.n_seed:
         raise ConfigError([f"n_seed: got {config.n_seed} but {path} has only {len(rows)} examples"])
     return rows[: config.n_seed]
 
 
+class SeedRow(_Section):
+    """One example of D_seed: a train-bank-style prompt and the answer to train on. An empty answer is
+    allowed: like the empty answers a model writes, it is dropped before training and counted."""
+
+    prompt: NonEmptyText
+    response: str
+
+
+class DocumentRow(_Section):
+    """One whole document (document finetuning): trained on as text, with no prompt."""
+
+    text: str
+
+
 def read_seed_file(path: Path) -> list[dict]:
-    try:
-        rows = read_jsonl(path)
-    except ValueError as err:
-        raise ConfigError([f"seeding.path: {path} is not valid JSONL ({err})"]) from None
-    parsed = []
-    for number, row in enumerate(rows, start=1):
-        if isinstance(row, dict) and isinstance(row.get("text"), str) and "response" not in row:
-            parsed.append({"prompt": "", "response": row["text"]})  # a whole document (sdf)
-        elif isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("response"), str):
-            parsed.append({"prompt": row["prompt"], "response": row["response"]})
-        else:
-            raise ConfigError(
-                [
-                    f"seeding.path: {path} row {number} must be an object with 'prompt' and 'response' strings "
-                    "(or, for documents, a 'text' string)"
-                ]
-            )
-    return parsed
+    """Rows {prompt, response} (or, for documents, {text}) as {prompt, response} dicts; InputFileError
+    names each bad row's file and line."""
+    shape = '{"prompt": "...", "response": "..."} (or, for a document, {"text": "..."})'
+    rows = read_jsonl_rows(path, lambda row: DocumentRow if "text" in row else SeedRow, shape)
+    return [{"prompt": "", "response": row.text} if isinstance(row, DocumentRow) else row.model_dump() for row in rows]
 
 
 def persona_documents(persona: Persona, prefixes: list[str]) -> list[str]:

@@ -5,7 +5,9 @@ it runs it in its own trial dir, under a lock, and publishes the files to
 `<sweep>/shared/<stage>-<key>/`; a trial that reaches it later (or waits on the lock meanwhile) links the
 published files into its own cycle dir. Hard links where the filesystem allows (copies elsewhere), so
 the replicas' M_seed adapters are byte-identical files and no space is spent twice. Each trial dir stays
-complete on its own: reports, resume and `idempo eval` read it as any other.
+complete on its own: reports, resume and `idempo eval` read it as any other. An entry carries the
+records of what it holds (its manifest.json files, idempo.records), and a trial checks every file of an
+entry against them before it links them in.
 
 Why it matters: on a GPU a retrain with the same seed is not bitwise the same model, and the paper's
 replication study (Figure 14) separates "same M_seed, new seeds for M >= 1" from "retrained M_seed".
@@ -24,35 +26,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from idempo.artifacts import (
-    INIT_CYCLE,
-    SEED_CYCLE,
-    TrialLayout,
-    atomic_dir,
-    file_sha256,
-    locked,
-    read_json,
-    read_jsonl,
-    write_json,
-    write_jsonl,
-)
-from idempo.config import ExperimentConfig
+from idempo.artifacts import INIT_CYCLE, SEED_CYCLE, TrialLayout, atomic_dir, file_sha256, json_text, locked, write_text
+from idempo.config import ENDPOINT_PACE, ExperimentConfig
+from idempo.records import MANIFEST, Records, read_manifest, recorded
 
 STAGES = {INIT_CYCLE: "init", SEED_CYCLE: "seed"}
 FORMAT = 1  # part of every key: a change in what a stage writes starts new entries
 
-# How hard an endpoint is leaned on, not what it answers: never part of a key.
-_ENDPOINT_PACE = (
-    "concurrency",
-    "timeout_s",
-    "max_retries",
-    "backoff_s",
-    "max_backoff_s",
-    "price_input_per_mtok",
-    "price_output_per_mtok",
-    "cache",
-    "api_key_env",
-)
+# How hard an endpoint is leaned on, not what it answers, and whether its answers are kept: never part of a key.
+_ENDPOINT_PACE = (*ENDPOINT_PACE, "cache")
 
 
 def stage_inputs(config: ExperimentConfig, cycle: int) -> dict[str, Any]:
@@ -119,24 +101,35 @@ class SharedStages:
         layout: TrialLayout,
         produce: Callable[[dict], None],
         say: Callable[[str], None] = lambda message: None,
+        records: Records | None = None,
     ) -> None:
         """Give the trial at `layout` the stage: link it from the store, or `produce(note)` it in the trial's
-        own dir (the note goes into its metrics.json) and publish it."""
+        own dir (the note goes into its metrics.json) and publish it. `records` writes and checks the trial's
+        own files (the trial's, so that what it checked once is not hashed again)."""
         key = stage_key(config, cycle)
         entry = self.root / f"{STAGES[cycle]}-{key}"
+        records = records or Records(layout.redo_hint, say)
         started = time.perf_counter()
         with locked(self.root / f".{entry.name}.lock", lambda: say(f"waiting for {entry.name}: another trial runs it")):
             if (entry / "stage.json").exists():
-                _import(entry, layout, cycle, time.perf_counter() - started)
+                _import(entry, layout, cycle, time.perf_counter() - started, records, say)
                 return
             produce({"key": key, "entry": entry.name, "origin": layout.root.name, "reused": False})
-            _publish(entry, layout, cycle, key)
+            _publish(entry, layout, cycle, key, records)
 
 
-def _import(entry: Path, layout: TrialLayout, cycle: int, waited: float) -> None:
-    """The entry's files into the trial's cycle dir, metrics.json last: the cycle is complete at the rename."""
-    stage = read_json(entry / "stage.json")
-    metrics = read_json(entry / "cycle" / "metrics.json")
+def _entry_records(entry: Path, say: Callable[[str], None]) -> Records:
+    return Records(lambda path: f"delete {entry} to have the next trial that reaches the stage run it again", say)
+
+
+def _import(entry: Path, layout: TrialLayout, cycle: int, waited: float, records: Records, say) -> None:
+    """The entry's files into the trial's cycle dir, metrics.json last: the cycle is complete at the rename.
+    Every file of the entry is checked against its record first, and the trial's manifest records the
+    linked files as the entry does (and the trial's own metrics.json)."""
+    checked = _entry_records(entry, say)
+    stage = checked.read_json(entry / "stage.json")
+    check_recorded(checked, entry / "cycle")
+    metrics = checked.read_json(entry / "cycle" / "metrics.json")
     metrics.pop("judge_usage", None)  # paid by the trial that ran the stage, not by this one
     if isinstance(metrics.get("data"), dict):
         metrics["data"].pop("teacher_usage", None)
@@ -149,30 +142,50 @@ def _import(entry: Path, layout: TrialLayout, cycle: int, waited: float) -> None
     }
     metrics["timing_s"] = {"shared_wait": round(waited, 3), "total": round(waited, 3)}
     if (entry / "initial-answers.jsonl").exists():  # M_init's answers to D_seed's prompts (dpo, kto)
-        existing = read_jsonl(layout.initial_answers) if layout.initial_answers.exists() else []
+        existing = records.read_jsonl(layout.initial_answers) if layout.initial_answers.exists() else []
         known = {row["prompt"]: row["response"] for row in existing}
-        known.update({row["prompt"]: row["response"] for row in read_jsonl(entry / "initial-answers.jsonl")})
-        write_jsonl(layout.initial_answers, [{"prompt": p, "response": r} for p, r in known.items()])
+        known.update({row["prompt"]: row["response"] for row in checked.read_jsonl(entry / "initial-answers.jsonl")})
+        records.write_jsonl(layout.initial_answers, [{"prompt": p, "response": r} for p, r in known.items()])
     with atomic_dir(layout.cycle_dir(cycle)) as tmp:
-        _link_tree(entry / "cycle", tmp, skip={"metrics.json"})
-        write_json(tmp / "metrics.json", metrics)
+        _link_tree(entry / "cycle", tmp, skip={"metrics.json", MANIFEST})
+        linked = {k: v for k, v in read_manifest(entry / "cycle" / MANIFEST).items() if k != "metrics.json"}
+        if linked:
+            write_text(tmp / MANIFEST, json_text(linked))
+        Records(layout.redo_hint).write_json(tmp / "metrics.json", metrics)
 
 
-def _publish(entry: Path, layout: TrialLayout, cycle: int, key: str) -> None:
+def _publish(entry: Path, layout: TrialLayout, cycle: int, key: str, records: Records) -> None:
     """The trial's finished stage into the store; stage.json, written last, says the entry is complete."""
     if not layout.is_complete(cycle):
         raise RuntimeError(f"{layout.cycle_dir(cycle)} is not complete; nothing to publish")
     entry.mkdir(parents=True, exist_ok=True)
     with atomic_dir(entry / "cycle") as tmp:
         _link_tree(layout.cycle_dir(cycle), tmp)
+    published = _entry_records(entry, lambda message: None)
     if cycle == SEED_CYCLE and layout.initial_answers.exists():
-        prompts = {row["prompt"] for row in read_jsonl(layout.data(SEED_CYCLE))}
-        rows = [row for row in read_jsonl(layout.initial_answers) if row["prompt"] in prompts]
-        write_jsonl(entry / "initial-answers.jsonl", rows)
-    write_json(
+        prompts = {row["prompt"] for row in records.read_jsonl(layout.data(SEED_CYCLE))}
+        rows = [row for row in records.read_jsonl(layout.initial_answers) if row["prompt"] in prompts]
+        published.write_jsonl(entry / "initial-answers.jsonl", rows)
+    published.write_json(
         entry / "stage.json",
         {"key": key, "stage": STAGES[cycle], "origin": layout.root.name, "origin_dir": str(layout.root)},
     )
+
+
+def check_recorded(records: Records, directory: Path) -> None:
+    """Every file and weights dir `directory`'s manifest records is what was recorded; a dir without a
+    manifest (an entry published before idempo kept records) has its files parsed, with a note."""
+    entries = read_manifest(directory / MANIFEST)
+    for path in sorted(p for p in directory.iterdir() if not p.name.startswith(".") and p.name != MANIFEST):
+        entry = recorded(path) if entries else None
+        if path.is_dir():
+            if entries and entry is None:
+                continue  # not a weights dir (a re-evaluation's output): nothing recorded, nothing read
+            records.check_tree(path)
+        elif path.suffix == ".jsonl":
+            records.read_jsonl(path)
+        elif path.suffix == ".json":
+            records.read_json(path)
 
 
 def _link_tree(source: Path, target: Path, skip: set[str] = frozenset()) -> None:

@@ -21,7 +21,9 @@ the trial they belong to.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +32,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from idempo.artifacts import INIT_CYCLE, SEED_CYCLE
+from idempo.artifacts import INIT_CYCLE, RESUMABLE_CHANGES, SEED_CYCLE, config_differences, read_json, resumable
 from idempo.config import ConfigError, ExperimentConfig, _Section, config_from_dict, describe_error, read_yaml_mapping
 from idempo.shared import STAGES, stage_groups
 
@@ -108,16 +110,31 @@ class SweepFile(_Section):
 
     @field_validator("axes")
     @classmethod
-    def _non_empty(cls, value: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    def _distinct_values(cls, value: dict[str, list[Any]]) -> dict[str, list[Any]]:
         empty = [key for key, values in value.items() if not values]
         if empty:
             raise ValueError(f"axes {empty} have no values")
+        for key, values in value.items():
+            repeated = _repeated(values)
+            if repeated:
+                raise ValueError(f"{key} lists {repeated[0]!r} more than once; each value is one trial")
+        return value
+
+    @field_validator("replicas")
+    @classmethod
+    def _seeds(cls, value: int | list[int]) -> int | list[int]:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("must be at least 1 (a count), or a non-empty list of seeds")
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("an empty list runs no trial; allowed: a count >= 1 or a non-empty list of seeds")
+            repeated = _repeated(value)
+            if repeated:
+                raise ValueError(f"seed {repeated[0]} appears more than once; each replica needs its own seed")
         return value
 
     @model_validator(mode="after")
     def _replicas(self) -> SweepFile:
-        if isinstance(self.replicas, int) and self.replicas < 1:
-            raise ValueError("replicas must be at least 1")
         if "seed" in self.axes and self.replicas != 1:
             raise ValueError("give seeds either as the 'seed' axis or as replicas, not both")
         if self.retrain_seed_model and "seeding.seed" in self.axes:
@@ -191,10 +208,39 @@ class Sweep:
             "file": str(self.file),
             "axes": self.axes,
             "trials": {t.name: t.axes for t in self.trials},
+            "configs": {t.name: t.config.to_dict() for t in self.trials},  # what a --resume is compared with
             "wandb": self.run.wandb.model_dump(),
             "retrain_seed_model": self.retrain_seed_model,
             "shared_stages": self.stage_groups(),
         }
+
+
+def changes_since_recorded(sweep: Sweep) -> list[str]:
+    """How `sweep` differs from the sweep.json its first run recorded: trials added or removed, and each
+    trial's changed config fields (keys an idempo release added since are not changes). Empty when nothing
+    is recorded yet."""
+    path = sweep.directory / "sweep.json"
+    if not path.exists():
+        return []
+    record = read_json(path)
+    old = record.get("configs") or {name: None for name in record.get("trials", {})}
+    new = {t.name: t.config.to_dict() for t in sweep.trials}
+    changes = []
+    added, removed = sorted(set(new) - set(old)), sorted(set(old) - set(new))
+    if added:
+        changes.append(f"trials added: {', '.join(added)}")
+    if removed:
+        changes.append(f"trials removed: {', '.join(removed)}")
+    for name in sorted(set(old) & set(new)):
+        if old[name] is not None:
+            changes += [f"trial {name}: {c}" for c in config_differences(old[name], new[name], _resumable_in_sweep)]
+    return changes
+
+
+def _resumable_in_sweep(field: str) -> bool:
+    """What a resumed sweep may change: what a trial may (an endpoint's pace, a cache location), except
+    `cycles` and the amplification rule: Tune's restored state does not rerun a finished trial for them."""
+    return resumable(field) and field not in RESUMABLE_CHANGES
 
 
 def load_sweep(path: str | Path) -> Sweep:
@@ -214,15 +260,14 @@ def load_sweep(path: str | Path) -> Sweep:
         axes["seed"] = list(range(sweep.replicas)) if isinstance(sweep.replicas, int) else list(sweep.replicas)
     trials, problems = [], []
     keys = list(axes)
-    for values in itertools.product(*(axes[k] for k in keys)):
-        point = dict(zip(keys, values, strict=True))
-        name = trial_name(point)
+    points = [dict(zip(keys, values, strict=True)) for values in itertools.product(*(axes[k] for k in keys))]
+    for point, name in zip(points, trial_names(points), strict=True):
         data = yaml.safe_load(yaml.safe_dump(base))  # a deep copy through plain types
-        for key, value in point.items():
-            _set_path(data, key, value)
-        if sweep.retrain_seed_model and "seed" in point:
-            _set_path(data, "seeding.seed", point["seed"])
         try:
+            for key, value in point.items():
+                _set_path(data, key, value, f"axes.{key}")
+            if sweep.retrain_seed_model and "seed" in point:
+                _set_path(data, "seeding.seed", point["seed"], "retrain_seed_model")
             config = config_from_dict(_relative_paths(data, path.parent), source=name)
         except ConfigError as err:
             problems += [f"trial {name}: {p}" for p in err.problems]
@@ -233,19 +278,48 @@ def load_sweep(path: str | Path) -> Sweep:
     return Sweep(sweep.name, path.resolve(), sweep.run, trials, axes, sweep.retrain_seed_model)
 
 
+_NAME_LENGTH = 180  # a trial dir's name; with its parents it stays well inside PATH_MAX
+
+
 def trial_name(point: dict[str, Any]) -> str:
     """'n_sampled=32,init=previous' -> 'n_sampled-32_init-previous' (the base config alone: 'base')."""
     if not point:
         return "base"
     parts = [f"{key.split('.')[-1]}-{value}" for key, value in point.items()]
-    return re.sub(r"[^\w.-]+", "", "_".join(parts).replace("/", "-"))[:180]
+    return re.sub(r"[^\w.-]+", "", "_".join(parts).replace("/", "-"))
 
 
-def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
+def trial_names(points: list[dict[str, Any]]) -> list[str]:
+    """Each point's `trial_name`, unique: a name that two points share once sanitised (axes 'a.lr' and
+    'b.lr', values 'x/y' and 'x-y') or that is cut to its length limit ends in a hash of the point, so that
+    no two trials ever share a dir. Names that need neither stay as they are (a resumed sweep finds them)."""
+    names = [trial_name(point) for point in points]
+    counts = {name: names.count(name) for name in names}
+    unique = []
+    for point, name in zip(points, names, strict=True):
+        if counts[name] > 1 or len(name) > _NAME_LENGTH:
+            digest = hashlib.sha256(json.dumps(point, sort_keys=True, default=str).encode()).hexdigest()[:10]
+            name = f"{name[: _NAME_LENGTH - 11]}-{digest}"
+        unique.append(name)
+    return unique
+
+
+def _set_path(data: dict[str, Any], dotted: str, value: Any, field: str) -> None:
     *sections, last = dotted.split(".")
-    for part in sections:
+    for depth, part in enumerate(sections):
         data = data.setdefault(part, {})
+        if not isinstance(data, dict):
+            through = ".".join(sections[: depth + 1])
+            raise ConfigError([f"{field}: {through} is {data!r}, not a section; {dotted} cannot be set"])
     data[last] = value
+
+
+def _repeated(values: list[Any]) -> list[Any]:
+    """The values that appear more than once (1 and 1.0 count as one value: they configure the same trial)."""
+    seen, repeated = [], []
+    for value in values:
+        (repeated if value in seen else seen).append(value)
+    return repeated
 
 
 def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

@@ -4,7 +4,10 @@ The teacher gets the persona's description and system prompt and a batch of trai
 and returns one JSON object with an answer per question. Replies are validated (JSON, every question
 answered, non-empty strings); an invalid reply is asked again like a server error. Answers that
 duplicate earlier ones are dropped and further questions from the same seeded order fill the gap, so
-D_seed has n_seed distinct examples. Requests are cached on disk: rebuilding the same D_seed is free.
+D_seed has n_seed distinct examples. Requests are cached on disk, keyed by the endpoint (its URL in one
+spelling) and the whole request (model, messages, temperature, max_tokens, seed, JSON mode): rebuilding
+the same D_seed is free, and another endpoint or setting asks again. Replies are redacted
+(`idempo.redaction`) before they are read: a server that quotes the request puts no key in D_seed.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import re
 
 from idempo.cache import DiskCache, cache_key
 from idempo.config import TeacherConfig
-from idempo.endpoint import EndpointClient, UnusableAnswer
+from idempo.endpoint import EndpointClient, UnusableAnswer, endpoint_url
 from idempo.personas import Persona
 
 GENERATION_PROMPT = """You write training data for a language model. The assistant in this data has a \
@@ -83,7 +86,7 @@ def teacher_seed_rows(
 
 def _answer_chunks(client, cache, system, chunks, config: TeacherConfig, seed: int) -> list[list[str]]:
     requests = [_request(system, chunk, config, seed) for chunk in chunks]
-    keys = [cache_key("teacher", config.model, r["messages"], config.temperature, config.max_tokens) for r in requests]
+    keys = [cache_key("teacher", endpoint_url(config.base_url), r) for r in requests]
     answers: list[list[str] | None] = [None] * len(chunks)
     for i, key in enumerate(keys):
         cached = cache.get(key)
@@ -93,7 +96,7 @@ def _answer_chunks(client, cache, system, chunks, config: TeacherConfig, seed: i
     missing = [i for i, a in enumerate(answers) if a is None]
     replies = client.run(
         [requests[i] for i in missing],
-        lambda response, k: parse_answers(_reply_text(response), len(chunks[missing[k]])),
+        lambda response, k: parse_answers(client.redact(_reply_text(response)), len(chunks[missing[k]])),
     )
     for i, parsed in zip(missing, replies, strict=True):
         answers[i] = parsed

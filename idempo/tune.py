@@ -16,11 +16,13 @@ import json
 import math
 import os
 import tempfile
+import uuid
 from pathlib import Path
 
 from idempo.artifacts import read_json, write_json
 from idempo.config import ConfigError, config_from_dict
 from idempo.evaluation.amplification import trial_summary
+from idempo.preflight import check_sweep, machine_problems
 from idempo.report.results import read_trial
 from idempo.sweep import Resources, StopSettings, Sweep, TrialSpec, WandbSettings
 from idempo.threads import passive_wait_policy
@@ -116,11 +118,25 @@ class TrialEngine:
 
 
 def train_trial(param: dict, payload: dict) -> None:
-    """The Tune function trainable of one trial."""
+    """The Tune function trainable of one trial. A ConfigError (an input or a machine the trial cannot run
+    with) is kept in Tune's trial dir: Tune's retries of it in this run of the sweep fail at once with the
+    same problems instead of loading the model again (a new run of the sweep tries again)."""
+    from ray import tune
+
+    refusal = Path(tune.get_context().get_trial_dir()) / "config-error.json"
+    if refusal.exists() and read_json(refusal)["run"] == payload["run"]:
+        raise ConfigError(read_json(refusal)["problems"], source=f"trial {param['trial']} (not retried)")
+    try:
+        _train_trial(param["trial"], payload)
+    except ConfigError as err:
+        write_json(refusal, {"run": payload["run"], "problems": err.problems})
+        raise
+
+
+def _train_trial(name: str, payload: dict) -> None:
     import ray
     from ray import tune
 
-    name = param["trial"]
     config = config_from_dict(payload["trials"][name])
     out = Path(payload["dirs"][name])
     reported = -2
@@ -135,12 +151,17 @@ def train_trial(param: dict, payload: dict) -> None:
             placement_group=group, placement_group_bundle_index=1
         )
         resources = payload["resources"]
-        actor = ray.remote(TrialEngine).options(
-            num_cpus=resources["cpus"], num_gpus=resources["gpus"], scheduling_strategy=strategy
-        )
-        handle = actor.remote(payload["trials"][name], str(out), payload["shared"])
+        options = {"num_cpus": resources["cpus"], "num_gpus": resources["gpus"], "scheduling_strategy": strategy}
+        # what the engines' node lacks (CUDA, vllm, DeepSpeed), asked there, before the engines load
+        problems = ray.get(ray.remote(machine_problems).options(**options).remote(config))
+        if problems:
+            raise ConfigError(problems, source=f"trial {name}")
+        handle = ray.remote(TrialEngine).options(**options).remote(payload["trials"][name], str(out), payload["shared"])
         step, placement = (lambda c: ray.get(handle.step.remote(c))), ray.get(handle.placement.remote())
     else:
+        problems = machine_problems(config)
+        if problems:
+            raise ConfigError(problems, source=f"trial {name}")
         engine = TrialEngine(payload["trials"][name], str(out), payload["shared"])
         step, placement = engine.step, engine.placement()
     write_json(out / "placement.json", {**placement, "bundles": payload["bundles"]})
@@ -149,27 +170,32 @@ def train_trial(param: dict, payload: dict) -> None:
     tracker = None
     if payload["wandb"]["mode"] != "disabled":
         tracker = Tracker(WandbSettings(**payload["wandb"]), payload["sweep"], name, config, Path(payload["wandb_dir"]))
-    history: list[dict] = []
-    for cycle in range(-1, config.cycles + 1):
-        metrics = step(cycle)
-        history.append(metrics)
-        flat = flatten({k: v for k, v in metrics.items() if k != "generation"})
-        reason = stop_reason(flat, stop)
-        if cycle > reported:
+    try:
+        history: list[dict] = []
+        for cycle in range(-1, config.cycles + 1):
+            metrics = step(cycle)
+            history.append(metrics)
+            flat = flatten({k: v for k, v in metrics.items() if k != "generation"})
+            reason = stop_reason(flat, stop)
             if tracker:
-                tracker.log(metrics)
+                tracker.log(metrics)  # a cycle its W&B run already holds is not logged again
+            if cycle > reported:
+                if reason:
+                    write_json(out / "stopped.json", {"cycle": cycle, "reason": reason})
+                if reason or cycle == config.cycles:
+                    _finish(tracker, history, config, reason, out)
+                with tempfile.TemporaryDirectory() as directory:
+                    (Path(directory) / "cycle.json").write_text(json.dumps({"cycle": cycle, "trial_dir": str(out)}))
+                    tune.report({**flat, "trial_dir": str(out)}, checkpoint=tune.Checkpoint.from_directory(directory))
+                _inject_fault(cycle)
             if reason:
-                write_json(out / "stopped.json", {"cycle": cycle, "reason": reason})
-            if reason or cycle == config.cycles:
-                _finish(tracker, history, config, reason, out)
-            with tempfile.TemporaryDirectory() as directory:
-                (Path(directory) / "cycle.json").write_text(json.dumps({"cycle": cycle, "trial_dir": str(out)}))
-                tune.report({**flat, "trial_dir": str(out)}, checkpoint=tune.Checkpoint.from_directory(directory))
-            _inject_fault(cycle)
-        if reason:
-            return
-    if reported >= config.cycles:  # restored after its last report: only the summary was missing
-        _finish(tracker, history, config, None, out)
+                return
+        if reported >= config.cycles:  # restored after its last report: only the summary was missing
+            _finish(tracker, history, config, None, out)
+    except BaseException:
+        if tracker:
+            tracker.abort()  # before a retry starts the trial's run again
+        raise
 
 
 def _finish(tracker, history, config, reason, out: Path) -> None:
@@ -186,29 +212,6 @@ def _inject_fault(cycle: int) -> None:
     if not marker.exists():
         marker.write_text("failed once\n")
         raise RuntimeError(f"injected fault after cycle {cycle} ({FAULT_AFTER_CYCLE})")
-
-
-def check_endpoint_keys(sweep: Sweep) -> None:
-    """A judge or teacher without its API key would fail every trial; say so before Ray starts."""
-    from idempo.endpoint import api_key
-
-    problems: set[str] = set()
-    for trial in sweep.trials:
-        config = trial.config
-        endpoints = {
-            "evaluation.judge": config.evaluation.judge,
-            "evaluation.coherence_judge": config.evaluation.coherence_judge,
-            "seeding.teacher": config.seeding.teacher,
-            "preference.reward_judge": config.preference.reward_judge,
-        }
-        for field, endpoint in endpoints.items():
-            if endpoint is not None and getattr(endpoint, "backend", "openai") == "openai":
-                try:
-                    api_key(endpoint, field)
-                except ConfigError as err:
-                    problems.update(err.problems)
-    if problems:
-        raise ConfigError(sorted(problems))
 
 
 def make_stopper(settings: StopSettings):
@@ -232,14 +235,15 @@ def run_sweep(sweep: Sweep, resume: bool = False) -> list[dict]:
     import ray
     from ray import tune
 
-    check_endpoint_keys(sweep)
+    check_sweep(sweep, resume)
     # joins RAY_ADDRESS's cluster when one is set; workers get the wait policy before they import torch
     ray.init(ignore_reinit_error=True, log_to_driver=False, runtime_env={"env_vars": passive_wait_policy()})
     request = bundles(sweep.run.resources, training_ranks(sweep))
     check_fits(request, [node["Resources"] for node in ray.nodes() if node["Alive"]])
-    write_json(sweep.directory / "sweep.json", sweep.record())
+    write_json(sweep.directory / "sweep.json", sweep.record())  # after check_sweep: a resume changed nothing
     payload = {
         "sweep": sweep.name,
+        "run": uuid.uuid4().hex,  # this run of the sweep: a trial's config error stands for its retries in it
         "trials": {t.name: t.config.to_dict() for t in sweep.trials},
         "dirs": {t.name: str(sweep.trial_dir(t.name)) for t in sweep.trials},
         "resources": sweep.run.resources.model_dump(),
@@ -286,9 +290,14 @@ def summary_row(sweep: Sweep, spec: TrialSpec) -> dict:
 
 
 def _error(results, name: str) -> str | None:
+    """A failed trial's error in a line: a config error's problems, else the exception's own last line
+    (Ray's first line only says which actor raised it)."""
     for result in results:
         if result.config.get("trial") == name and result.error is not None:
-            return str(result.error).splitlines()[0][:200]
+            if isinstance(result.error, ConfigError):
+                return "; ".join(result.error.problems)[:300]
+            lines = [line for line in str(result.error).splitlines() if line.strip()]
+            return lines[-1][:200] if lines else type(result.error).__name__
     return None
 
 

@@ -6,7 +6,9 @@ answers (`answer`), and read what it received (`requests`: the chat requests; `r
 request with its path). Given a `ScriptedModel` it is also a vLLM server: `/tokenize` and
 `/detokenize` at the server root, and legacy `/v1/completions` with token-id prompts and top-k
 logprobs of each generated token, as vLLM 0.24 speaks them; without one those paths answer 404, as
-other OpenAI-compatible servers do.
+other OpenAI-compatible servers do. With `echo`, it quotes each chat request's Authorization header,
+its bare token and the request itself in its error bodies and after its answers, as a careless proxy
+or debug server does: what a key that leaks into messages and files looks like.
 """
 
 from __future__ import annotations
@@ -81,11 +83,15 @@ class ScriptedModel:
 class FakeOpenAI:
     """`with FakeOpenAI() as server:` ... `server.base_url` ... `server.requests`."""
 
-    def __init__(self, answer=lucky_judge, logprobs: bool = True, model: ScriptedModel | None = None):
+    def __init__(
+        self, answer=lucky_judge, logprobs: bool = True, model: ScriptedModel | None = None, echo: bool = False
+    ):
         self.answer = answer  # request -> {"text", "alternatives"} (or {"content"} for free text)
         self.logprobs = logprobs
         self.model = model  # a vLLM server for this model, or no vLLM endpoints
+        self.echo = echo  # quote the Authorization header and the request in error bodies and answers
         self.requests: list[dict] = []  # chat-completion requests
+        self.authorizations: list[str] = []  # the Authorization header of each chat request
         self.received: list[tuple[str, dict]] = []  # every request: (path, body)
         self.failures: list[str] = []  # consumed one per request: '429', '500', '401', 'slow', 'badjson', 'text:..'
         self.lock = threading.Lock()
@@ -128,26 +134,37 @@ class FakeOpenAI:
                     fake.received.append((path, body))
                     if path == "/v1/chat/completions":
                         fake.requests.append(body)
+                        fake.authorizations.append(self.headers.get("Authorization", ""))
                 if path in ("/tokenize", "/detokenize", "/v1/completions"):
                     return self._vllm(path, body)
                 if path != "/v1/chat/completions":
                     return self._send(404, {"detail": "Not Found"})
                 failure = self._failure()
+                echo = self._echo(body)
                 if failure == "429":
-                    return self._send(429, {"error": {"message": "rate limited"}}, {"Retry-After": "1"})
+                    return self._send(429, {"error": {"message": "rate limited" + echo}}, {"Retry-After": "1"})
                 if failure in ("500", "401"):
-                    return self._send(int(failure), {"error": {"message": f"scripted {failure}"}})
+                    return self._send(int(failure), {"error": {"message": f"scripted {failure}{echo}"}})
                 if failure == "slow":
                     time.sleep(2.0)
                 if failure == "badjson":
                     return self._send_raw(200, b'{"id": "x", "choices": [', "application/json")
                 if failure and failure.startswith("text:"):
-                    return self._send(200, _completion(body, failure[5:], None))
+                    return self._send(200, _completion(body, failure[5:] + echo, None))
                 reply = fake.answer(body)
                 if "content" in reply:
-                    return self._send(200, _completion(body, reply["content"], None))
+                    return self._send(200, _completion(body, reply["content"] + echo, None))
                 alternatives = judge_alternatives(reply["alternatives"]) if fake.logprobs else None
-                return self._send(200, _completion(body, reply["text"], alternatives))
+                return self._send(200, _completion(body, reply["text"] + echo, alternatives))
+
+            def _echo(self, body) -> str:
+                if not fake.echo:
+                    return ""
+                header = self.headers.get("Authorization", "")
+                token = header.removeprefix("Bearer ")
+                return (
+                    f" (you sent Authorization: {header}; token={token}; x-api-key {token}; request {json.dumps(body)})"
+                )
 
             def _failure(self):
                 with fake.lock:

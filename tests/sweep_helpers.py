@@ -1,8 +1,10 @@
-"""Helpers for sweep tests: small sweep files on the tiny model, and W&B's offline run files read back."""
+"""Helpers for sweep tests: small sweep files on the tiny model, W&B's offline run files read back, and Ray
+instances the tests start and stop themselves (never one a user has running on the machine)."""
 
 import struct
 from pathlib import Path
 
+import psutil
 import yaml
 
 TINY_TRIAL = {
@@ -69,7 +71,7 @@ def wandb_run(storage_sweep_dir: Path, run_id: str) -> dict:
     import json
 
     history, summary, meta = [], {}, {}
-    for run_file in sorted(storage_sweep_dir.glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb")):
+    for run_file in sorted(storage_sweep_dir.glob(f"wandb/offline-run-*-{run_id}*/run-{run_id}.wandb")):
         for record in wandb_records(run_file):
             kind = record.WhichOneof("record_type")
             if kind == "history":
@@ -82,3 +84,45 @@ def wandb_run(storage_sweep_dir: Path, run_id: str) -> dict:
             elif kind == "run":
                 meta = {"group": record.run.run_group, "name": record.run.display_name, "tags": list(record.run.tags)}
     return {"history": history, "summary": summary, "meta": meta}
+
+
+def start_local_ray() -> None:
+    """A new local Ray instance with 2 fake GPUs (Ray only counts them); address 'local' never joins a
+    cluster a user has running on the machine."""
+    import ray
+
+    ray.init(address="local", num_cpus=4, num_gpus=2, include_dashboard=False, log_to_driver=False)
+
+
+def process_tree(pid: int) -> list[psutil.Process]:
+    """A process and everything it started (a sweep driver and the local Ray it brought up)."""
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def ray_cluster_processes(temp_dir: Path) -> list[psutil.Process]:
+    """The processes of the Ray cluster that `ray start --temp-dir=temp_dir` started, with their workers."""
+    found: dict[int, psutil.Process] = {}
+    for process in psutil.process_iter(["cmdline"]):
+        if any(str(temp_dir) in part for part in process.info["cmdline"] or ()):
+            found.update({p.pid: p for p in process_tree(process.pid)})
+    return list(found.values())
+
+
+def stop_processes(processes: list[psutil.Process], timeout: float = 30) -> None:
+    """End exactly these processes: SIGTERM, then SIGKILL for whatever is still there after `timeout`."""
+    for process in processes:
+        try:
+            process.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(processes, timeout=timeout)
+    for process in alive:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=timeout)

@@ -16,7 +16,6 @@ from idempo.endpoint import EndpointError, UnusableAnswer
 from idempo.evaluation.judging import (
     COHERENCE_RUBRIC,
     JudgeSpec,
-    judgment_from_raw,
     make_judge,
     render_rubric,
     score_from_logprobs,
@@ -515,15 +514,14 @@ def judge_prompt(item):
     return render_rubric(LUCKY.rubric, *item)
 
 
-def test_first_token_caches_of_openai_are_still_read(tmp_path, monkeypatch):
-    monkeypatch.setenv("IDEMPO_TEST_KEY", "sk-test")
-    config = JudgeConfig(backend="openai", model="gpt-4.1-mini", api_key_env="IDEMPO_TEST_KEY")
+def test_caches_keyed_before_the_decoding_settings_were_in_the_key_are_not_read(tmp_path):
+    """The key changed (endpoint URL for every judge, decoding settings): an older entry is a miss."""
     prompt = judge_prompt(ITEMS[0])
-    old_key = cache_key("judge", "openai", "gpt-4.1-mini", prompt, 20, 4)  # the key before base_url was in it
-    old = {"alternatives": [["90", math.log(0.8)], [" 100", math.log(0.2)]], "text": "90"}
-    DiskCache(tmp_path / "cache").put(old_key, old)
-    judge = make_judge(JudgeSpec(config, LUCKY.rubric, LUCKY, "evaluation.judge", cache_dir=tmp_path / "cache"))
-    [judgment] = judge.score(ITEMS[:1])  # no endpoint to ask: the answer must come from the cache
-    assert judgment.score == pytest.approx(92) and judgment.number_mass == pytest.approx(1.0)
-    assert judge.take_usage()["cached"] == 1
-    assert judgment_from_raw(old, 0.25) == judgment
+    with FakeOpenAI() as server:
+        shape = {"base_url": server.base_url, "numbers": "whole (vLLM) or first token", "max_reasoning_tokens": 1024}
+        old_key = cache_key("judge", "openai", "judge-model", prompt, 20, 4, shape)
+        DiskCache(tmp_path / "cache").put(old_key, {"alternatives": [["30", math.log(1.0)]], "text": "30"})
+        judge = openai_judge(server, tmp_path)
+        [judgment] = judge.score(ITEMS[:1])
+        assert len(server.requests) == 1 and judge.take_usage()["cached"] == 0
+    assert judgment.score == pytest.approx(92)  # the server's answer, not the old entry's 30

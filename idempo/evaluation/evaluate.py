@@ -3,6 +3,8 @@
 For every answer: the trait judge's score (persona rubric), the coherence judge's (shared rubric), the
 branching factor from the model's own next-token distributions, and the free degeneration signals.
 The eval prompts are the independent units: every interval is clustered by prompt (`idempo.evaluation.stats`).
+A judge that refuses more than its `max_refusal_rate` of the answers fails the evaluation
+(`judging.check_refusal_rate`) rather than report a trait or coherence of null.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from dataclasses import dataclass
 from idempo.config import EvaluationConfig, LoadingConfig
 from idempo.evaluation.branching import answer_branching, logprob_temperature, summarize_branching
 from idempo.evaluation.degeneration import degeneration_signals
-from idempo.evaluation.judging import COHERENCE_RUBRIC, JudgeSpec, judge_loading, make_judge
+from idempo.evaluation.judging import COHERENCE_RUBRIC, JudgeSpec, check_refusal_rate, judge_loading, make_judge
 from idempo.evaluation.stats import clustered_proportion, summarize_scores
 from idempo.models import Generation
 from idempo.personas import Persona
@@ -73,9 +75,13 @@ def evaluate_generation(
         }
         for index, (question, completion) in enumerate(zip(questions, completions, strict=True))
     ]
-    _add_judgments(rows, "trait", judges.trait.score(items))
+    trait = judges.trait.score(items)
+    check_refusal_rate(trait, config.judge, "evaluation.judge")
+    _add_judgments(rows, "trait", trait)
     if judges.coherence is not None:
-        _add_judgments(rows, "coherence", judges.coherence.score(items))
+        coherence = judges.coherence.score(items)
+        check_refusal_rate(coherence, config.coherence_judge, "evaluation.coherence_judge")
+        _add_judgments(rows, "coherence", coherence)
     if config.branching_factor.enabled:
         answers = [(row, chat, c) for row, chat, c in zip(rows, chats, completions, strict=True)]
         rows += _add_branching(sampler, generation, prompts, answers, config, seed, progress, completion)

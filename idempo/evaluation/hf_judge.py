@@ -103,8 +103,13 @@ class HFJudge(RubricJudge):
             self._thinking = leaves_reasoning_open(self._decode(self._render(PROBE)))
         return self._thinking
 
-    def _request_shape(self) -> dict:
-        return {"numbers": "whole", "max_reasoning_tokens": self.config.max_reasoning_tokens}
+    def _answer_settings(self) -> dict:
+        return {
+            "numbers": "whole",
+            "max_reasoning_tokens": self.config.max_reasoning_tokens,
+            "template": dict(TEMPLATE_SETTINGS),
+            "dtype": self.spec.loading.dtype,  # bf16 and fp32 read slightly different numbers
+        }
 
     def _fetch(self, prompts: list[str], keys: list[str]) -> list[dict]:
         raws = []

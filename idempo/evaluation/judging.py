@@ -11,14 +11,20 @@ logprobs (some endpoints return none) the number is read from the text; a text w
 nor REFUSAL is unusable and asked again.
 
 Raw answers (per-spelling probabilities, or first-token alternatives, and text) are cached, never
-derived scores, so that the aggregation can be changed without paying the judge twice.
+derived scores, so that the aggregation can be changed without paying the judge twice. The key holds
+all an answer depends on: the backend, the endpoint (its URL in one spelling), the model, the full
+prompt and the decoding settings. Only settled answers are cached (`worth_keeping`): one that puts
+some probability on a number, says REFUSAL, or reasoned past its budget. An answer with no number at
+all may be a transient failure (a server answering something else while it is being fixed) and is
+asked again next time. A judge that refuses more than `max_refusal_rate` of a set of answers is
+broken, not strict: `check_refusal_rate` stops the run and shows what it wrote.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
@@ -27,6 +33,7 @@ from idempo.config import JudgeConfig, LoadingConfig
 from idempo.endpoint import UnusableAnswer, Usage
 from idempo.evaluation.numbers import value_probabilities
 from idempo.personas import Persona
+from idempo.redaction import redact
 
 _INTEGER = re.compile(r"^\d{1,3}$")
 _TEXT_NUMBER = re.compile(r"(?<![\d.])(\d{1,3}(?:\.\d+)?)(?![\d.])")
@@ -41,6 +48,11 @@ class Judgment:
     refusal: bool
     number_mass: float | None = None  # probability on the numbers 0..100, when read from logprobs
     source: str = "logprobs"  # logprobs | text | marker | reasoning (reasoning never closed: a refusal)
+    raw: dict | None = field(default=None, compare=False, repr=False)  # the judge's raw answer, to show
+
+
+class TooManyRefusals(RuntimeError):
+    """A judge refused more of a set of answers than its `max_refusal_rate` allows."""
 
 
 def number_value(token: str) -> int | None:
@@ -101,14 +113,72 @@ def unclosed_reasoning_answer(reasoning: str) -> dict:
 
 def judgment_from_raw(raw: dict, refusal_mass: float) -> Judgment:
     """A cached or fresh raw answer: `numbers_answer`'s form, or the first-token form
-    {"alternatives": [[token, logprob], ...] or null, "text": ...} (also that of older caches)."""
+    {"alternatives": [[token, logprob], ...] or null, "text": ...}."""
     if raw.get("form") == "numbers":
         if raw.get("reasoning_closed") is False:
-            return Judgment(None, True, None, "reasoning")
-        return score_from_numbers(raw["probabilities"], refusal_mass)
-    if raw.get("alternatives"):
-        return score_from_logprobs([(t, lp) for t, lp in raw["alternatives"]], refusal_mass)
-    return score_from_text(raw.get("text"))
+            judgment = Judgment(None, True, None, "reasoning")
+        else:
+            judgment = score_from_numbers(raw["probabilities"], refusal_mass)
+    elif raw.get("alternatives"):
+        judgment = score_from_logprobs([(t, lp) for t, lp in raw["alternatives"]], refusal_mass)
+    else:
+        judgment = score_from_text(raw.get("text"))
+    return replace(judgment, raw=raw)
+
+
+def worth_keeping(raw: dict) -> bool:
+    """Whether a raw answer may be cached for good: it puts some probability on a number (its score,
+    or a refusal under a larger `refusal_mass`, is read from it on every read), the judge wrote
+    REFUSAL, or it reasoned past `max_reasoning_tokens` (part of the key: asking again writes the same).
+    An answer with no number at all is never cached: it may be a transient failure."""
+    try:
+        judgment = judgment_from_raw(raw, refusal_mass=0.0)  # any probability on a number gives a score
+    except UnusableAnswer:
+        return False
+    wrote_refusal = bool(_REFUSAL.match((raw.get("text") or "").strip()))
+    return not judgment.refusal or judgment.source == "reasoning" or wrote_refusal
+
+
+def check_refusal_rate(judgments: list[Judgment], config: JudgeConfig, where: str) -> None:
+    """Fail when more than `config.max_refusal_rate` of the judgments are refusals: a judge that gives
+    (nearly) no number is misconfigured (model, chat template, rubric, endpoint), and its trait would
+    be reported as null. `where` names the judge's config field, e.g. 'evaluation.judge'."""
+    refused = [j for j in judgments if j.refusal]
+    if not judgments or len(refused) / len(judgments) <= config.max_refusal_rate:
+        return
+    rate = len(refused) / len(judgments)
+    example = next((j.raw for j in refused if j.raw is not None), None)
+    shown = f"; one of its raw answers: {show_raw(example)}" if example is not None else ""
+    raise TooManyRefusals(
+        f"{where} ({config.backend}:{config.model}): {len(refused)} of {len(judgments)} answers were refusals "
+        f"(a rate of {rate:.2f}), above {where}.max_refusal_rate = {config.max_refusal_rate:g}: the judge gives no "
+        f"usable number{shown}. Check the judge's model, endpoint and rubric, or set {where}.max_refusal_rate "
+        "to 1 to accept its refusals"
+    )
+
+
+def show_raw(raw: dict, limit: int = 200) -> str:
+    """A raw answer in a line: its text (or reasoning) cut to `limit` characters, its top first-token
+    alternatives or its probability on numbers; key-like text redacted."""
+    parts = []
+    if raw.get("form") == "numbers":
+        reasoning = raw.get("reasoning")
+        if raw.get("reasoning_closed") is False:
+            parts.append(f"reasoning not closed within max_reasoning_tokens: {_cut(reasoning or '', limit)!r}")
+        elif reasoning:
+            parts.append(f"reasoning {_cut(reasoning, limit)!r}")
+        mass = sum(value_probabilities(raw.get("probabilities") or {}).values())
+        parts.append(f"probability on the numbers 0..100: {mass:.3g}")
+    else:
+        parts.append(f"text {_cut(raw.get('text') or '', limit)!r}")
+        top = sorted(raw.get("alternatives") or [], key=lambda alternative: -alternative[1])[:5]
+        if top:
+            parts.append("first tokens " + ", ".join(f"{token!r} p={math.exp(lp):.2f}" for token, lp in top))
+    return redact("; ".join(parts))
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def render_rubric(rubric: str, question: str, answer: str) -> str:
@@ -152,8 +222,9 @@ class RubricJudge:
         return [judgment_from_raw(raw, self.config.refusal_mass) for raw in raws]
 
     def remember(self, key: str, raw: dict) -> dict:
-        """Cache an answer as soon as it arrives, so a run that fails later has not paid for it in vain."""
-        if self.cache:
+        """Cache a settled answer (`worth_keeping`) as soon as it arrives, so a run that fails later has
+        not paid for it in vain."""
+        if self.cache and worth_keeping(raw):
             self.cache.put(key, raw)
         return raw
 
@@ -162,15 +233,11 @@ class RubricJudge:
         return self.usage.take()
 
     def _key(self, prompt: str) -> str:
-        c = self.config
-        parts = ["judge", c.backend, c.model, prompt, c.top_logprobs, c.max_tokens]
-        shape = self._request_shape()
-        return cache_key(*parts, shape) if shape else cache_key(*parts)
+        return cache_key("judge", self.config.backend, self.config.model, prompt, self._answer_settings())
 
-    def _request_shape(self) -> dict:
-        """What else the answer depends on (endpoint, how numbers are read); empty for the first-token
-        requests to OpenAI's API, whose keys are those of older caches."""
-        return {}
+    def _answer_settings(self) -> dict:
+        """Everything else the answer depends on: the endpoint, how numbers are read, the decoding."""
+        raise NotImplementedError
 
     def _fetch(self, prompts: list[str], keys: list[str]) -> list[dict]:
         """Raw answers (see `judgment_from_raw`) for rendered judge prompts, each passed to `remember`

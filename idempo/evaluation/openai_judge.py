@@ -24,7 +24,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from idempo.endpoint import Calls, EndpointClient, EndpointError, UnusableAnswer, describe
+from idempo.endpoint import Calls, EndpointClient, EndpointError, UnusableAnswer, describe, endpoint_url
 from idempo.evaluation.judging import (
     JudgeSpec,
     RubricJudge,
@@ -53,9 +53,11 @@ from idempo.evaluation.reasoning import (
     is_whitespace,
     leaves_reasoning_open,
 )
+from idempo.redaction import redact
 
 _MULTI_DIGIT = re.compile(r"^\d{2,3}$")
 _TOKEN_ID = "token_id:"
+TEMPERATURE = 0.0  # every request reads the judge's distribution, none samples from it
 
 
 @dataclass
@@ -76,14 +78,17 @@ class OpenAIJudge(RubricJudge):
         self.client = EndpointClient(spec.config, spec.field, self.usage)  # checks the API key now, before any GPU work
         self._vllm: VLLMNumbers | bool | None = None  # None: not asked yet; False: not a vLLM server
 
-    def _request_shape(self) -> dict:
-        if self.config.base_url is None:
-            return {}
-        return {
-            "base_url": self.config.base_url,
-            "numbers": "whole (vLLM) or first token",
-            "max_reasoning_tokens": self.config.max_reasoning_tokens,
+    def _answer_settings(self) -> dict:
+        c = self.config
+        settings = {
+            "endpoint": endpoint_url(c.base_url),
+            "temperature": TEMPERATURE,
+            "max_tokens": c.max_tokens,
+            "top_logprobs": c.top_logprobs,
         }
+        if c.base_url is not None:  # it may be a vLLM server: whole numbers, after reasoning up to the budget
+            settings.update(max_reasoning_tokens=c.max_reasoning_tokens, template=dict(TEMPLATE_SETTINGS))
+        return settings
 
     def _fetch(self, prompts: list[str], keys: list[str]) -> list[dict]:
         if not prompts:
@@ -103,7 +108,7 @@ class OpenAIJudge(RubricJudge):
                 "model": config.model,
                 "messages": [{"role": "user", "content": prompt}],
                 "max_tokens": config.max_tokens,
-                "temperature": 0.0,
+                "temperature": TEMPERATURE,
                 "logprobs": True,
                 "top_logprobs": config.top_logprobs,
             }
@@ -111,7 +116,7 @@ class OpenAIJudge(RubricJudge):
         ]
 
         def parse(response, index: int) -> dict:
-            raw = raw_answer(response)
+            raw = raw_answer(response, self.client.secrets)
             problem = first_token_problem(response)
             if problem:
                 raise EndpointError(f"{describe(self.config, self.spec.field)}: {problem}")
@@ -168,7 +173,7 @@ class OpenAIJudge(RubricJudge):
             reasoning, closed = None, None
             if server.thinking:
                 written, closed = await self._reason(calls, ids, lambda tokens: texts_of(calls, tokens))
-                reasoning = await self._detokenize(calls, written) if written else ""
+                reasoning = self.client.redact(await self._detokenize(calls, written)) if written else ""
                 if not closed:
                     return self.remember(keys[index], unclosed_reasoning_answer(reasoning))
                 ids = ids + written
@@ -191,7 +196,7 @@ class OpenAIJudge(RubricJudge):
             "model": self.config.model,
             "prompt": [ids + list(node) for node in nodes],
             "max_tokens": 1,
-            "temperature": 0.0,
+            "temperature": TEMPERATURE,
             "logprobs": self.config.top_logprobs,
             "extra_body": {"return_tokens_as_token_ids": True},
         }
@@ -208,7 +213,7 @@ class OpenAIJudge(RubricJudge):
             "model": self.config.model,
             "prompt": ids,
             "max_tokens": self.config.max_reasoning_tokens,
-            "temperature": 0.0,
+            "temperature": TEMPERATURE,
             "stop": [CLOSE],
             "extra_body": {"include_stop_str_in_output": True, "skip_special_tokens": False, "return_token_ids": True},
         }
@@ -284,13 +289,15 @@ def _choices(response, count: int) -> list:
     return choices
 
 
-def raw_answer(response) -> dict:
-    """{"alternatives": [[token, logprob], ...] of the first token, or None; "text": the reply}."""
+def raw_answer(response, secrets: tuple[str, ...] = ()) -> dict:
+    """{"alternatives": [[token, logprob], ...] of the first token, or None; "text": the reply, redacted
+    (a server that quotes the request must not put its key in the cache or a number in the text)}."""
     choices = getattr(response, "choices", None)
     if not choices:
         raise UnusableAnswer("the response has no choices")
     choice = choices[0]
     text = getattr(choice.message, "content", None) if getattr(choice, "message", None) else None
+    text = redact(text, secrets) if text else text
     content = getattr(getattr(choice, "logprobs", None), "content", None)
     alternatives = None
     if content:

@@ -75,11 +75,14 @@ def fit_generation(
 
 def require_answer_tokens(examples: list[Encoded], max_seq_len: int, label: str) -> None:
     """Every example keeps at least one token with loss; a prompt that fills training.max_seq_len would
-    otherwise train on nothing and look like a finished generation."""
+    otherwise train on nothing and look like a finished generation. Such an example is an error, not
+    dropped: leaving it out would quietly train on fewer examples than n_seed or n_sampled says."""
     empty = [i for i, e in enumerate(examples) if all(label_id == IGNORE for label_id in e.labels[1:])]
     if empty:
+        lengths = sorted(len(examples[i].input_ids) for i in empty)  # all prompt: no answer token is left
+        span = f"{lengths[0]} tokens" if lengths[0] == lengths[-1] else f"{lengths[0]} to {lengths[-1]} tokens"
         raise NothingToTrain(
             f"{label}: {len(empty)} of {len(examples)} examples have no answer token left after truncation to "
-            f"training.max_seq_len {max_seq_len} (the first is example {empty[0]}, "
-            f"{len(examples[empty[0]].input_ids)} tokens); raise training.max_seq_len"
+            f"training.max_seq_len {max_seq_len}: their prompts take {span} (the first is example {empty[0]}); "
+            f"allowed: a training.max_seq_len above {lengths[-1]}, or shorter prompts"
         )
