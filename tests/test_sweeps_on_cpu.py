@@ -265,7 +265,7 @@ def test_ray_job_submit_runs_a_sweep_on_a_started_cluster(tmp_path):
 
     ray.shutdown()
     ray_bin = Path(sys.executable).parent / "ray"
-    port, dashboard = _free_port(), _free_port()
+    port, dashboard, agent = _free_port(), _free_port(), _free_port()
     temp = Path("/tmp") / f"idempo-ray-{port}"  # Ray's socket paths must stay short
     env = {**os.environ, "WANDB_SILENT": "true", "RAY_ADDRESS": ""}
     env.pop("RAY_ADDRESS")
@@ -277,6 +277,7 @@ def test_ray_job_submit_runs_a_sweep_on_a_started_cluster(tmp_path):
                 "--head",
                 f"--port={port}",
                 f"--dashboard-port={dashboard}",
+                f"--dashboard-agent-listen-port={agent}",  # not the default, which a running Ray may hold
                 "--num-cpus=2",
                 "--include-dashboard=true",
                 f"--temp-dir={temp}",

@@ -5,7 +5,7 @@ import time
 from pathlib import Path
 
 from conftest import tiny_config
-from sweep_helpers import wandb_run
+from sweep_helpers import wandb_records, wandb_run
 
 from idempo.sweep import WandbSettings
 from idempo.tracking import Tracker, run_id
@@ -24,6 +24,16 @@ def start(directory: Path) -> Tracker:
     return Tracker(SETTINGS, "sweep", "trial", tiny_config(), directory)
 
 
+def flushed(directory: Path, identity: str) -> Path:
+    """`directory`, once every offline run file of `identity` ends with its exit record: W&B's core process
+    may still be writing when `finish` returns."""
+    deadline = time.monotonic() + 60
+    for run_file in directory.glob(f"wandb/offline-run-*-{identity}*/run-{identity}.wandb"):
+        while wandb_records(run_file)[-1].WhichOneof("record_type") != "exit" and time.monotonic() < deadline:
+            time.sleep(0.5)
+    return directory
+
+
 def test_a_restarted_trial_has_one_offline_run_with_each_cycle_once(tmp_path):
     first = start(tmp_path)
     for cycle in (-1, 0, 1):
@@ -37,7 +47,7 @@ def test_a_restarted_trial_has_one_offline_run_with_each_cycle_once(tmp_path):
 
     identity = run_id("sweep", "trial")
     assert len(list((tmp_path / "wandb").glob(f"offline-run-*-{identity}*"))) == 1
-    run = wandb_run(tmp_path, identity)
+    run = wandb_run(flushed(tmp_path, identity), identity)
     assert [row["cycle"] for row in run["history"]] == [-1, 0, 1, 2]
     assert run["summary"]["cycles_done"] == 2
 
@@ -57,5 +67,7 @@ def test_an_offline_run_already_synced_is_kept_and_not_logged_again(tmp_path):
     again.finish({"cycles_done": 1})
     dirs = sorted((tmp_path / "wandb").glob(f"offline-run-*-{identity}*"))
     assert len(dirs) == 2 and synced in dirs
-    run = wandb_run(tmp_path, identity)  # both dirs, in order: what `wandb sync` uploads into the one run
+    run = wandb_run(
+        flushed(tmp_path, identity), identity
+    )  # both dirs, in order: what `wandb sync` uploads into the one run
     assert [row["cycle"] for row in run["history"]] == [-1, 0, 1]
