@@ -175,14 +175,14 @@ def _run(args) -> int:
 
     config = load_config(args.config, args.overrides)
     out = args.out or Path("runs") / args.config.stem
-    check_trial(config, out)
+    inputs = check_trial(config, out)
 
     reporter = Reporter(enabled=not args.quiet)
     reporter.note(
         f"trial {out}: {config.model} / {config.persona} / {config.regime}, "
         f"n_seed {config.n_seed}, n_sampled {config.n_sampled}, init {config.init}, {config.cycles} cycles"
     )
-    history = run_trial(config, out, until_cycle=args.until_cycle, reporter=reporter)
+    history = run_trial(config, out, until_cycle=args.until_cycle, reporter=reporter, inputs=inputs)
     done = history[-1]["cycle"] if history else None
     if done is not None and done < config.cycles:
         reporter.note(f"stopped after cycle {done} of {config.cycles}; run the same command again to continue")

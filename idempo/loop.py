@@ -25,7 +25,7 @@ from idempo.gpu_monitor import GpuMonitor
 from idempo.input_files import InputFileError
 from idempo.models import INITIAL, Generation, Policy, load_base_model, load_tokenizer, make_policy
 from idempo.personas import Persona
-from idempo.preflight import trial_inputs
+from idempo.preflight import TrialInputs, trial_inputs
 from idempo.progress import Reporter, summary_line
 from idempo.prompts import cycle_prompts, eval_prompts, seed_prompts
 from idempo.records import DamagedArtifact, Records
@@ -54,10 +54,12 @@ def run_trial(
     until_cycle: int | None = None,
     reporter: Reporter | None = None,
     shared: SharedStages | None = None,
+    inputs: TrialInputs | None = None,
 ) -> list[dict]:
     """Run (or resume) a trial in `out`; returns the metrics of every completed cycle, -1 first. With
-    `shared`, M_init's evaluation and the seed stage come from (or go to) a sweep's shared store."""
-    trial = Trial(config, Path(out), reporter or Reporter(enabled=False), shared)
+    `shared`, M_init's evaluation and the seed stage come from (or go to) a sweep's shared store; `inputs`:
+    what `idempo.preflight` already read and checked for this config (read here otherwise)."""
+    trial = Trial(config, Path(out), reporter or Reporter(enabled=False), shared, inputs)
     trial.evaluate_initial()
     trial.seed()
     last = config.cycles if until_cycle is None else min(config.cycles, until_cycle)
@@ -125,13 +127,20 @@ def load_engines(config: ExperimentConfig) -> tuple[object, Policy, Sampler]:
 class Trial:
     """The state of one trial: M_init loaded once, the policy, the sampler, the prompt sets."""
 
-    def __init__(self, config: ExperimentConfig, out: Path, reporter: Reporter, shared: SharedStages | None = None):
+    def __init__(
+        self,
+        config: ExperimentConfig,
+        out: Path,
+        reporter: Reporter,
+        shared: SharedStages | None = None,
+        inputs: TrialInputs | None = None,
+    ):
         self.config = config
         self.reporter = reporter
         self.layout = TrialLayout(out)
         self.shared = shared
         # Everything that can be wrong with the inputs fails here, before the model is loaded.
-        inputs = trial_inputs(config)
+        inputs = inputs or trial_inputs(config)
         self.persona, self.train_bank, self.given_seed_rows = inputs.persona, inputs.train_bank, inputs.given_seed_rows
         self.eval_set, self.judges, self.reward_judge = inputs.eval_set, inputs.judges, inputs.reward_judge
         self.documents = config.regime == "sdf"
