@@ -243,7 +243,6 @@ class Bench:
                     if isinstance(layer, LoraLayer) and "default" in layer.lora_B:
                         torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.01)
             self.policy.save(path)
-            self.policy.loaded = None
         return Generation(f"bench-{index}", path)
 
     def prompts(self, count: int, seed: int = 0) -> list[list[int]]:
@@ -354,7 +353,16 @@ class Bench:
         )
 
     def training(self, result: dict) -> None:
-        from idempo.training.sft import Encoded, train_sft
+        """One generation's training through the trial's trainers: plain PyTorch, and DeepSpeed ZeRO at world
+        size 1 (on its own copy of M_init), on random token sequences."""
+        from safetensors.torch import load_file
+
+        from idempo.config import DeepSpeedConfig
+        from idempo.models import INITIAL, Generation
+        from idempo.progress import Reporter
+        from idempo.training.local import LocalTrainer
+        from idempo.training.optimize import Encoded
+        from idempo.training.zero import ZeroTrainer
 
         draw = random.Random(0)
         vocabulary = len(self.tokenizer)
@@ -367,53 +375,43 @@ class Bench:
             )
         ]
         training = self.config.training.model_copy(update={"batch_size": settings.train_batch})
+        config = self.config.model_copy(update={"training": training})
         if self._vllm is not None:
             self._vllm.sleep()
-        pad = self.tokenizer.pad_token_id
-        self.policy.reset(0)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
+        regime = _TokenSequences(examples)
+
+        def fit(trainer, name: str) -> dict:
+            out = self.adapters / f"{name}-trained"
+            stats = trainer.fit(regime, [], None, INITIAL, (0, 0), Generation(out.name, out), out, "train")
+            return {
+                **_train_row(stats, settings),
+                **({"world_size": stats["world_size"]} if "world_size" in stats else {}),
+            }
+
         with _variant(result, "plain"):
-            result["plain"] = _train_row(train_sft(self.policy, examples, training, 0, pad), settings)
+            result["plain"] = fit(LocalTrainer(config, self.tokenizer, self.policy, Reporter(enabled=False)), "plain")
         if settings.zero_stage is not None:
-            with _variant(result, f"zero-{settings.zero_stage}"):
-                self.train_zero(result, examples, training, pad)
-
-    def train_zero(self, result: dict, examples, training, pad: int) -> None:
-        """The same run under DeepSpeed ZeRO at world size 1, on its own copy of M_init, and what it saved."""
-        from safetensors.torch import load_file
-
-        from idempo.config import DeepSpeedConfig
-        from idempo.training.sft import train_sft
-        from idempo.training.zero import check, zero_policy
-
-        stage = self.settings.zero_stage
-        zero_config = self.config.model_copy(
-            update={"training": training.model_copy(update={"deepspeed": DeepSpeedConfig(stage=stage)})}
-        )
-        check(zero_config)
-        policy = zero_policy(zero_config, None, 0)
-        saved = self.adapters / "zero-trained"
-        try:
-            stats = train_sft(policy, examples, zero_config.training, 0, pad)
-            row = result[f"zero-{stage}"] = _train_row(stats, self.settings)
-            policy.save(saved)
-        finally:
-            policy.close()
-        weights = load_file(str(saved / "adapter_model.safetensors"))
-        row["saved_adapter"] = {
-            "tensors": len(weights),
-            "nonzero_lora_B": sum(bool(t.abs().sum() > 0) for k, t in weights.items() if "lora_B" in k),
-            "world_size": torch.distributed.get_world_size(),
-        }
+            name = f"zero-{settings.zero_stage}"
+            with _variant(result, name):
+                zero = training.model_copy(update={"deepspeed": DeepSpeedConfig(stage=settings.zero_stage)})
+                zero_config = config.model_copy(update={"training": zero})
+                ZeroTrainer.check(zero_config)
+                row = result[name] = fit(ZeroTrainer(zero_config), name)
+                weights = load_file(str(self.adapters / f"{name}-trained" / "adapter_model.safetensors"))
+                row["saved_adapter"] = {
+                    "tensors": len(weights),
+                    "nonzero_lora_B": sum(bool(t.abs().sum() > 0) for k, t in weights.items() if "lora_B" in k),
+                }
 
     def cycle(self, result: dict) -> None:
         """Seed + one cycle of SFT on the model with the configured sampler, its phase breakdown."""
         import shutil
 
-        from idempo.artifacts import TrialLayout, read_json
         from idempo.config import config_from_dict
-        from idempo.loop import run_trial
+        from idempo.loop import Trial
+        from idempo.progress import Reporter
 
         shutil.rmtree(self.trial_dir, ignore_errors=True)
         self._release_vllm()
@@ -434,15 +432,9 @@ class Bench:
                 "evaluation": {"max_new_tokens": settings.cycle_new_tokens, "n_prompts": settings.cycle_eval_prompts},
             }
         )
-        layout = TrialLayout(self.trial_dir)
-        try:
-            run_trial(config, self.trial_dir)
-        finally:  # the stages that finished keep their times, also when a later one fails
-            result["cycles"] = {
-                str(cycle): read_json(layout.metrics(cycle))["timing_s"]
-                for cycle in (-1, 0, 1)
-                if layout.is_complete(cycle)
-            }
+        result["cycles"] = {}  # each stage's times as it finishes, kept when a later one fails
+        for metrics in Trial(config, self.trial_dir, Reporter(enabled=False)).stages():
+            result["cycles"][str(metrics.cycle)] = metrics.timing_s
 
     def _release_vllm(self) -> None:
         """The cycle's trial starts an engine of its own; free this one first."""
@@ -467,13 +459,27 @@ def _error(err: Exception) -> dict:
     return {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
 
 
-def _train_row(stats, settings: BenchSettings) -> dict:
+class _TokenSequences:
+    """A regime for measuring the trainer: next-token loss on sequences already tokenized (random tokens)."""
+
+    name = "sft"
+
+    def __init__(self, examples):
+        self.examples = examples
+
+    def fit(self, policy, tokenizer, config, rows, seed, reference, ranks, reporter, label) -> dict:
+        from idempo.training.sft import train_sft
+
+        return train_sft(policy, self.examples, config.training, seed, tokenizer.pad_token_id, None, ranks).to_dict()
+
+
+def _train_row(stats: dict, settings: BenchSettings) -> dict:
     tokens = settings.train_batch * settings.train_steps * settings.train_seq_len
     return {
-        "steps": stats.steps,
+        "steps": stats["steps"],
         "tokens": tokens,
-        "seconds": round(stats.seconds, 2),
-        "tokens_per_s": round(tokens / stats.seconds),
+        "seconds": round(stats["seconds"], 2),
+        "tokens_per_s": round(tokens / stats["seconds"]),
         "peak_gpu_memory_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if torch.cuda.is_available() else None,
     }
 

@@ -1,9 +1,8 @@
 """A content-addressed on-disk cache of endpoint and judge answers: a repeated question costs nothing.
 
 One small JSON file per key (`<dir>/ab/abcdef....json`), written atomically: safe for many trials on
-one machine or on shared storage, and readable with `cat`. Keys are hashes of everything the answer
-depends on; callers store raw answers (logprobs, text), not derived scores, so that changing how a
-score is computed never needs the endpoint again.
+one machine or on shared storage, and readable with `cat`. Callers store raw answers, not scores, so
+that changing how a score is computed never needs the endpoint again (docs/metrics.md, "Cache").
 """
 
 from __future__ import annotations

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from idempo.artifacts import SEED_CYCLE, write_json
+from idempo.artifacts import write_json
 from idempo.config import ConfigError, ExperimentConfig
+from idempo.layout import SEED_CYCLE, calibration_probe, calibration_record
 from idempo.loop import run_trial
 from idempo.progress import Reporter
 
@@ -37,9 +38,9 @@ def calibrate(
 
     def probe(n: int) -> dict:
         trial = config.model_copy(update={"n_seed": n, "cycles": 0})
-        history = run_trial(trial, out / f"n_seed-{n}", reporter=reporter)
+        history = run_trial(trial, calibration_probe(out, n), reporter=reporter)
         trait = next(m["trait"] for m in history if m["cycle"] == SEED_CYCLE)
-        result = {"n_seed": n, "trait": trait["mean"], "ci95": trait["ci95"], "dir": str(out / f"n_seed-{n}")}
+        result = {"n_seed": n, "trait": trait["mean"], "ci95": trait["ci95"], "dir": str(calibration_probe(out, n))}
         probes.append(result)
         reporter.note(
             f"probe {len(probes)}: n_seed {n} -> trait {_num(trait['mean'])} "
@@ -68,7 +69,7 @@ def _write(out: Path, target: float, probes: list[dict]) -> dict:
     scored = [p for p in probes if p["trait"] is not None]
     best = min(scored, key=lambda p: (abs(p["trait"] - target), p["n_seed"])) if scored else None
     summary = {"target": target, "n_seed": best["n_seed"] if best else None, "best": best, "probes": probes}
-    write_json(out / "calibration.json", summary)
+    write_json(calibration_record(out), summary)
     return summary
 
 

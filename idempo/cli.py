@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--quiet", action="store_true", help="no progress bars or cycle lines")
 
     show = commands.add_parser("config", help="validate a config and print it resolved, with defaults")
-    show.add_argument("config", type=Path)
+    show.add_argument("config", type=Path, nargs="?", help="experiment config (YAML)")
+    show.add_argument("--explain", action="store_true", help="describe every field of configs and sweep files")
     show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
     evaluate = commands.add_parser("eval", help="score a saved generation (or M_init) again")
@@ -148,14 +149,14 @@ def _reporting_errors(handler, args) -> int:
     """Bad input exits 2; a judge or teacher endpoint that keeps failing, a judge that refuses (nearly)
     every answer, a named model that cannot be fetched, a generation left with nothing to train on, or an
     artifact damaged since it was written, exits 1; each with one message."""
-    from idempo.artifacts import TrialConflict
     from idempo.config import ConfigError
+    from idempo.data import NothingToTrain
     from idempo.endpoint import EndpointError
     from idempo.evaluation.judging import TooManyRefusals
+    from idempo.layout import TrialConflict
     from idempo.models import ModelLoadError
     from idempo.named_models import NamedModelError
     from idempo.records import DamagedArtifact
-    from idempo.training.data import NothingToTrain
 
     try:
         return handler(args)
@@ -195,6 +196,7 @@ def _eval(args) -> int:
     import json
 
     from idempo.config import ConfigError, load_config
+    from idempo.layout import TrialLayout
     from idempo.preflight import check_trial
     from idempo.progress import Reporter
     from idempo.reevaluate import reevaluate
@@ -203,7 +205,7 @@ def _eval(args) -> int:
     if args.out is None and args.adapter is None:
         raise ConfigError(["--out: required when evaluating M_init (no --adapter)"])
     check_trial(config)
-    out = args.out or args.adapter.parent / "reeval"
+    out = args.out or TrialLayout.reevaluation(args.adapter)
     metrics = reevaluate(config, args.adapter, out, Reporter(enabled=not args.quiet))
     headline = {k: metrics[k] for k in ("trait", "coherence", "refusal_rate", "branching_factor") if k in metrics}
     headline.get("branching_factor", {}).pop("nll_curve", None)
@@ -246,7 +248,7 @@ def _sweep(args) -> int:
 
     rows = run_sweep(sweep, resume=args.resume)
     print(_table(["trial", "cycles_done", "final_trait", "amplified", "stop_reason", "error"], rows))
-    print(f"trials in {sweep.directory / 'trials'}", file=sys.stderr)
+    print(f"trials in {sweep.layout.trials}", file=sys.stderr)
     return EXIT_FAILED if any(row["error"] for row in rows) else EXIT_OK
 
 
@@ -307,7 +309,7 @@ def _bench(args) -> int:
 
 
 def sweep_table(sweep) -> str:
-    from idempo.tune import bundles, training_ranks
+    from idempo.tune import placement
 
     rows = [
         {"trial": t.name, **{k: v for k, v in t.axes.items()}, "model": t.config.model, "regime": t.config.regime}
@@ -315,7 +317,7 @@ def sweep_table(sweep) -> str:
     ]
     columns = list(dict.fromkeys(key for row in rows for key in row))
     resources = sweep.run.resources
-    request = bundles(resources, training_ranks(sweep))
+    request = placement(sweep).bundles
     lines = [
         f"sweep {sweep.name}: {len(sweep.trials)} trials -> {sweep.directory}",
         _table(columns, rows),
@@ -339,7 +341,7 @@ def shared_stages_line(sweep) -> str:
     seed = times(len(groups["seed"])) if "seed" in groups else f"{times(n)} (retrain_seed_model: each trial its own)"
     return (
         f"shared stages for {n} trials: M_init evaluated {times(len(groups['init']))}, M_seed trained {seed} "
-        f"(in {sweep.shared_dir})"
+        f"(in {sweep.layout.shared})"
     )
 
 
@@ -360,8 +362,17 @@ def _cell(value) -> str:
 def _config(args) -> int:
     import yaml
 
-    from idempo.config import apply_overrides, config_from_dict, defaults_applied, read_yaml_mapping
+    from idempo.config import ConfigError, apply_overrides, config_from_dict, defaults_applied, read_yaml_mapping
     from idempo.preflight import check_trial
+
+    if args.explain:
+        from idempo.config import ExperimentConfig, explain
+        from idempo.sweep import SweepFile
+
+        print("\n".join(["# experiment config", *explain(ExperimentConfig), "", "# sweep file", *explain(SweepFile)]))
+        return EXIT_OK
+    if args.config is None:
+        raise ConfigError(["config: give an experiment config file, or --explain"])
 
     raw = apply_overrides(read_yaml_mapping(args.config, "config"), args.overrides)
     config = config_from_dict(raw, source=str(args.config))

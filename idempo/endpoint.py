@@ -1,19 +1,11 @@
 """Calls to an OpenAI-compatible chat endpoint that survive a busy or flaky server.
 
-Judges and the teacher send many small requests. Each goes through `EndpointClient.chat`:
-- at most `concurrency` in flight;
-- a per-request timeout;
-- retries on 429, 5xx, timeouts, connection errors and unusable answers (a body that is not JSON, or
-  a reply the caller's `parse` rejects). The wait honours Retry-After, else it is exponential backoff
-  with full jitter;
-- other errors (400, 401, 404, ...) fail at once, because retrying cannot fix them.
-When the retries run out, `EndpointError` says what was asked and what went wrong last. A judge never
-turns a failure into a score. Every message built from what the server said is redacted
-(`idempo.redaction`): a server that quotes the request's Authorization header puts no key in a log.
-
-Judges of a vLLM server also call its completions endpoint (token-id prompts) and its `/tokenize` and
-`/detokenize` endpoints (at the server root, not under /v1): `EndpointClient.run_jobs` gives each job
-a `Calls` whose every request goes through the same slots and retries.
+Judges and the teacher send many small requests, each with at most `concurrency` in flight, a timeout,
+and retries for what a retry can fix (429, 5xx, timeouts, unusable answers; Retry-After or jittered
+exponential backoff); other errors fail at once (docs/metrics.md, "Robustness"). A judge never turns a
+failure into a score. Every message built from what the server said is redacted (`idempo.redaction`).
+`run_jobs` gives each job a `Calls`, so that vLLM's completions, `/tokenize` and `/detokenize` (at the
+server root, not under /v1) go through the same slots and retries.
 
 The openai client's own retries are off (`max_retries=0`), so this module is the only retry policy and
 its counts in `Usage` are exact.
@@ -95,10 +87,8 @@ def endpoint_url(base_url: str | None) -> str:
 
 def api_key(config: EndpointConfig, field: str) -> str:
     """The key: the environment variable `api_key_env`; where it is unset, the file named by the
-    variable `<api_key_env>_FILE` or by `api_key_file` (a key that stays out of configs, process
-    environments and Ray's job metadata: a 0600 file on each node, a mounted Kubernetes or Docker
-    secret). OpenAI itself needs a key; a self-hosted server usually does not, so a missing key is only
-    an error without a `base_url`."""
+    variable `<api_key_env>_FILE` or by `api_key_file` (docs/cluster.md, "Endpoint keys"). OpenAI needs a
+    key; a self-hosted server usually does not, so a missing key is only an error without a `base_url`."""
     key = os.environ.get(config.api_key_env)
     if key:
         return key

@@ -15,7 +15,7 @@ from typing import Annotated, Any, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ValidationError
 
-from idempo.config import describe_error
+from idempo.config.base import describe_error
 
 MAX_PROBLEMS = 10  # a file with thousands of bad rows is reported by its first few
 Row = TypeVar("Row", bound=BaseModel)

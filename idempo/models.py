@@ -21,6 +21,7 @@ from torch import nn
 
 from idempo.config import RANDOM_MODEL, TINY_MODEL, LoadingConfig, TrainingConfig
 from idempo.named_models import NAMED_MODELS, gguf_model_dir, named_model_dir
+from idempo.progress import quiet_transformers
 
 
 class ModelLoadError(RuntimeError):
@@ -70,13 +71,6 @@ def model_path(model: str, loading: LoadingConfig | None = None) -> str:
         dtype = str(resolve_dtype(loading.dtype, resolve_device(loading.device))).removeprefix("torch.")
         return str(named_model_dir(model, dtype) if model in NAMED_MODELS else gguf_model_dir(model, dtype))
     return model
-
-
-def quiet_transformers() -> None:
-    """Our phases have their own progress bars; the library's per-file bars only add noise."""
-    from transformers.utils import logging
-
-    logging.disable_progress_bar()
 
 
 def load_tokenizer(model: str, loading: LoadingConfig, chat: bool = True):
@@ -130,9 +124,15 @@ class Policy(ABC):
     def load(self, generation: Generation) -> None:
         """Make `module` hold a saved generation's weights."""
 
+    def save(self, path: Path, generation: Generation | None = None) -> None:
+        """Write the current weights as a directory the usual tools load; `generation`: they are that
+        generation's from now on (its weights dir is `path` once renamed into place)."""
+        self.write(path)
+        self.loaded = generation
+
     @abstractmethod
-    def save(self, path: Path) -> None:
-        """Write the current weights as a directory the usual tools load."""
+    def write(self, path: Path) -> None:
+        """The current weights as files in `path`."""
 
     @abstractmethod
     @contextmanager
@@ -142,13 +142,13 @@ class Policy(ABC):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.module.parameters() if p.requires_grad]
 
-    def updates(self, optimizer, scheduler, config: TrainingConfig) -> Updates:
-        """How gradients become weight updates during one training run (plain PyTorch here)."""
-        return Updates(self.trainable_parameters(), optimizer, scheduler, config.max_grad_norm)
-
-    def shard_plan(self, plan: list[list[list[int]]]) -> list[list[list[int]]]:
-        """This process's share of each micro-batch of a training plan (all of it, but in data parallel)."""
-        return plan
+    def start(self, start: Generation | None, seed: int) -> None:
+        """Make the weights a generation's training starts from: fresh from M_init (`start` None, new adapters
+        drawn from `seed`) or a saved generation's (kept if they are loaded already)."""
+        if start is None or start.path is None:
+            self.reset(seed)
+        elif self.loaded != start:
+            self.load(start)
 
     @contextmanager
     def weights_kept(self) -> Iterator[None]:
@@ -163,35 +163,6 @@ class Policy(ABC):
                 for parameter, value in zip(self.trainable_parameters(), saved, strict=True):
                     parameter.copy_(value)
             self.loaded = loaded
-
-    def rank_and_world(self) -> tuple[int, int]:
-        """This process's data-parallel rank and the number of ranks that share each micro-batch."""
-        return 0, 1
-
-    def sum_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
-        """`value` summed over the data-parallel ranks (a statistic of the whole micro-batch)."""
-        return value
-
-
-class Updates:
-    """Backward passes accumulate into .grad; a step clips, updates, advances the schedule, clears."""
-
-    def __init__(self, parameters, optimizer, scheduler, max_grad_norm: float | None):
-        self.parameters, self.optimizer, self.scheduler = parameters, optimizer, scheduler
-        self.max_grad_norm = max_grad_norm
-
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
-
-    def mean_over_ranks(self, value: float) -> float:
-        return value
-
-    def step(self) -> None:
-        if self.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self.parameters, self.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
 
 
 class LoraPolicy(Policy):
@@ -232,7 +203,7 @@ class LoraPolicy(Policy):
             raise ModelLoadError(f"adapter {generation.path} does not fit this model: {result.unexpected_keys[:3]}")
         self.loaded = generation
 
-    def save(self, path: Path) -> None:
+    def write(self, path: Path) -> None:
         self.module.save_pretrained(path)
 
     @contextmanager
@@ -265,7 +236,7 @@ class FullPolicy(Policy):
         self.module.load_state_dict(saved.state_dict())
         self.loaded = generation
 
-    def save(self, path: Path) -> None:
+    def write(self, path: Path) -> None:
         self.module.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
 

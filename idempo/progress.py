@@ -70,3 +70,10 @@ def summary_line(metrics: dict) -> str:
 
 def _num(value) -> str:
     return "  n/a" if value is None else f"{value:5.1f}"
+
+
+def quiet_transformers() -> None:
+    """Our phases have their own progress bars; the library's per-file bars only add noise."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()

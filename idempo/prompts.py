@@ -7,7 +7,7 @@ import random
 from importlib import resources
 from pathlib import Path
 
-from idempo.config import _Section
+from idempo.config.base import Section
 from idempo.input_files import NonEmptyText, read_jsonl_rows
 from idempo.personas import Persona
 
@@ -47,7 +47,7 @@ def eval_prompts(source: str, persona: Persona, n: int | None) -> list[str]:
     return prompts[:n] if n else prompts
 
 
-class PromptRow(_Section):
+class PromptRow(Section):
     """One line of a prompt file: {"prompt": "..."}, nothing else (a misspelt key is not a prompt)."""
 
     prompt: NonEmptyText
@@ -59,11 +59,8 @@ def read_prompt_file(path) -> list[str]:
 
 
 def cycle_prompts(pool: list[str], n: int, cycle: int, seed: int) -> list[str]:
-    """The n prompts of cycle j (1-based): slice j of a seeded stream of shuffled passes over the pool.
-
-    Consecutive cycles take disjoint slices; when a pass is used up the next pass is a new shuffle, so a
-    prompt repeats only after every prompt of the pool has been used.
-    """
+    """The n prompts of cycle j (1-based): slice j of a seeded stream of shuffled passes over the pool,
+    so a prompt repeats only after every prompt of the pool has been used."""
     index, stop = (cycle - 1) * n, cycle * n
     chosen: list[str] = []
     while index < stop:

@@ -1,19 +1,11 @@
 """What each phase of a trial wrote, and the check before anything written is used again.
 
-Every dir a trial writes its artifacts into (the trial root, each cycle dir, a shared stage's entry) keeps
-a `manifest.json`: for each file its sha256, size and, for JSONL, its row count; for a weights dir
-(`adapter/`, `model/`) the same for every file in it. A file's record is written *before* the file is
-renamed into place, so a file on disk always has its record; a record whose file is missing is a phase
-that did not finish, and the phase writes both again. A file rewritten with more rows
-(`initial-answers.jsonl`) keeps the hash of the version it replaces in its record, so a rewrite that never
-landed leaves a file that still checks.
-
-What the trial reads again is checked first, once per process: a resumed phase's data file, the weights
-a cycle samples from or starts from (hashing every file of a full model dir too: that is what makes it
-the model that was trained), a finished cycle's metrics.json. A mismatch, or a file that does not parse,
-is a `DamagedArtifact` naming the file, what was expected and found, and which dirs to delete to redo it.
-Files written before idempo kept records have none: they are used with a one-line note, still parsed
-(a parse error names the file), and a weights file is checked for its safetensors length.
+Each dir a trial writes into keeps a `manifest.json` with a record per file (sha256, size, JSONL rows;
+each file of a weights dir), written before the file is renamed into place: a file on disk always has
+its record, and a record whose file is missing is a phase that did not finish. What is checked, when, and
+what a `DamagedArtifact` says: docs/loop.md, "Resume and determinism". A file rewritten with more rows
+(`initial-answers.jsonl`) keeps the hash of the version it replaces in its record, so a rewrite that
+never landed leaves a file that still checks.
 """
 
 from __future__ import annotations

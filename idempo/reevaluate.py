@@ -9,15 +9,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from idempo.artifacts import INIT_CYCLE, SEED_CYCLE, TrialLayout, write_json, write_jsonl
+from idempo.artifacts import write_json, write_jsonl
 from idempo.config import ConfigError, ExperimentConfig
+from idempo.engines import load_engines
 from idempo.evaluation.evaluate import evaluate_generation
-from idempo.loop import evaluation_inputs, load_engines
+from idempo.inputs import evaluation_inputs
+from idempo.layout import INIT_CYCLE, TrialLayout
 from idempo.models import INITIAL, Generation
 from idempo.personas import get_persona
 from idempo.progress import Reporter
 from idempo.records import Records
-from idempo.seeds import derive_seed
+from idempo.registry import trains_on_documents
+from idempo.seeds import derive_seed, phase_seed, stage_seed
 
 
 def reevaluate(config: ExperimentConfig, weights: Path | None, out: Path, reporter: Reporter) -> dict:
@@ -27,13 +30,17 @@ def reevaluate(config: ExperimentConfig, weights: Path | None, out: Path, report
     generation, cycle = _generation(config, weights)
     if cycle is not None and weights is not None:  # a trial's generation: checked against its record first
         Records(TrialLayout(weights.parent.parent.parent).redo_hint, reporter.note).check_tree(weights)
-    _, _, sampler = load_engines(config)
-    stage_seed = config.seeding.seed if cycle in (INIT_CYCLE, SEED_CYCLE) else config.seed
-    seed = derive_seed(stage_seed, "eval", cycle if cycle is not None else "standalone")
+    engines = load_engines(config)
+    # a trial's own generation: the eval seed the trial used; other weights: a stream of their own
+    seed = (
+        phase_seed(config, cycle, "eval")
+        if cycle is not None
+        else derive_seed(stage_seed(config, 1), "eval", "standalone")
+    )
     total = len(eval_set) * config.evaluation.samples_per_prompt
     with reporter.phase(f"evaluate {generation.name}", total, "answers") as bar:
         rows, metrics = evaluate_generation(
-            sampler,
+            engines,
             generation,
             eval_set,
             persona,
@@ -41,7 +48,7 @@ def reevaluate(config: ExperimentConfig, weights: Path | None, out: Path, report
             config.evaluation,
             seed,
             bar,
-            completion=config.regime == "sdf",
+            completion=trains_on_documents(config.regime),
         )
     metrics = {"cycle": cycle, "generation": generation.name, "weights": str(weights) if weights else None, **metrics}
     write_jsonl(out / "eval.jsonl", rows)

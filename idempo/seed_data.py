@@ -8,10 +8,14 @@ D_seed rows are (train-bank prompt, answer) pairs, so the trait has to move into
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from idempo.config import ConfigError, ExperimentConfig, _Section
+from idempo.config.base import ConfigError, Section
 from idempo.input_files import InputFileError, NonEmptyText, read_jsonl_rows
 from idempo.personas import Persona, builtin_seed_data
+
+if TYPE_CHECKING:
+    from idempo.config import ExperimentConfig
 
 
 def given_seed_rows(config: ExperimentConfig, persona: Persona) -> list[dict] | None:
@@ -40,7 +44,7 @@ def given_seed_rows(config: ExperimentConfig, persona: Persona) -> list[dict] | 
     return rows[: config.n_seed]
 
 
-class SeedRow(_Section):
+class SeedRow(Section):
     """One example of D_seed: a train-bank-style prompt and the answer to train on. An empty answer is
     allowed: like the empty answers a model writes, it is dropped before training and counted."""
 
@@ -48,7 +52,7 @@ class SeedRow(_Section):
     response: str
 
 
-class DocumentRow(_Section):
+class DocumentRow(Section):
     """One whole document (document finetuning): trained on as text, with no prompt."""
 
     text: str

@@ -26,9 +26,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from idempo.artifacts import INIT_CYCLE, SEED_CYCLE, TrialLayout, atomic_dir, file_sha256, json_text, locked, write_text
+from idempo.artifacts import atomic_dir, file_sha256, json_text, locked, write_text
 from idempo.config import ENDPOINT_PACE, ExperimentConfig
+from idempo.layout import INIT_CYCLE, SEED_CYCLE, TrialLayout
 from idempo.records import MANIFEST, Records, read_manifest, recorded
+from idempo.registry import REGIMES, seed_regime, trains_on_documents
 
 STAGES = {INIT_CYCLE: "init", SEED_CYCLE: "seed"}
 FORMAT = 1  # part of every key: a change in what a stage writes starts new entries
@@ -50,18 +52,19 @@ def stage_inputs(config: ExperimentConfig, cycle: int) -> dict[str, Any]:
             "evaluation": evaluation,
             "sampling": {k: data["sampling"][k] for k in ("backend", "batch_size", "vllm")},
             "seeding.seed": data["seeding"]["seed"],  # the seed of M_init's evaluation
-            "completion": config.regime == "sdf",
+            "completion": trains_on_documents(config.regime),
         }
-    seed_regime = "sft" if config.regime == "self_reward" else config.regime  # self_reward seeds by SFT
+    regime = seed_regime(config.regime)  # the seed stage's loss is this regime's (self_reward: sft's)
     inputs = {k: v for k, v in data.items() if k not in ("cycles", "seed", "n_sampled", "init", "rejected")}
-    inputs.update(regime=seed_regime, evaluation=evaluation)
+    inputs.update(regime=regime, evaluation=evaluation)
     inputs.pop("cycle_data")
     inputs["sampling"] = {k: v for k, v in data["sampling"].items() if k != "temperature"}  # cycles' only
-    if seed_regime in ("dpo", "kto"):
-        weights = ("desirable_weight", "undesirable_weight") if seed_regime == "kto" else ()
-        inputs["preference"] = {k: data["preference"][k] for k in weights}
-    else:
+    reads = REGIMES.info(regime).get("seed_reads", {})  # what beyond the training settings its loss reads
+    if "beta" not in reads:
         inputs.pop("beta")
+    if "preference" in reads:
+        inputs["preference"] = {k: data["preference"][k] for k in reads["preference"]}
+    else:
         inputs.pop("preference")
     if data["seeding"].get("teacher"):
         inputs["seeding"] = {**data["seeding"], "teacher": _without_pace(data["seeding"]["teacher"])}

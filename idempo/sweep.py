@@ -32,12 +32,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from idempo.artifacts import INIT_CYCLE, RESUMABLE_CHANGES, SEED_CYCLE, config_differences, read_json, resumable
-from idempo.config import ConfigError, ExperimentConfig, _Section, config_from_dict, describe_error, read_yaml_mapping
+from idempo.artifacts import read_json
+from idempo.config import ConfigError, ExperimentConfig, Section, config_from_dict, describe_error, read_yaml_mapping
+from idempo.layout import INIT_CYCLE, RESUMABLE_CHANGES, SEED_CYCLE, SweepLayout, config_differences, resumable
 from idempo.shared import STAGES, stage_groups
 
 
-class Resources(_Section):
+class Resources(Section):
     """What one trial asks of the cluster. With GPUs, the trial's engines run as an actor in a bundle of
     their own; the trial driver takes one CPU beside it."""
 
@@ -45,29 +46,31 @@ class Resources(_Section):
     gpus: float = Field(0.0, ge=0, description="GPUs for the trial's engines; 0 runs everything on CPUs.")
 
 
-class StopSettings(_Section):
+class StopSettings(Section):
     """End a trial whose metric falls under `floor` once `grace_cycles` cycles have run."""
 
     metric: str = Field("coherence.mean", description="Dotted path into a cycle's metrics.json.")
-    floor: float
+    floor: float = Field(description="The trial stops once its metric is below this (after the grace cycles).")
     grace_cycles: int = Field(2, ge=0, description="Cycles (after the seed) before the floor applies.")
 
 
-class WandbSettings(_Section):
-    project: str = "idempo"
-    entity: str | None = None
+class WandbSettings(Section):
+    """Where the sweep's trials log: one W&B run per trial, grouped by the sweep."""
+
+    project: str = Field("idempo", description="W&B project.")
+    entity: str | None = Field(None, description="W&B entity (team or user); null: your default.")
     mode: Literal["auto", "online", "offline", "disabled"] = Field(
         "auto", description="auto: online when WANDB_API_KEY is set, else offline (sync later with `wandb sync`)."
     )
 
 
-class RunSettings(_Section):
+class RunSettings(Section):
     storage_path: str = Field("runs/sweeps", description="Where trials and Tune state go; shared storage on clusters.")
-    resources: Resources = Resources()
+    resources: Resources = Field(Resources(), description="What one trial asks of the cluster.")
     max_failures: int = Field(1, ge=0, description="Retries of a failed trial, from its last completed cycle.")
     max_concurrent_trials: int | Literal["auto"] = Field("auto", description="auto: as many as the cluster fits.")
-    stop: StopSettings | None = None
-    wandb: WandbSettings = WandbSettings()
+    stop: StopSettings | None = Field(None, description="Stop trials whose metric falls under a floor; null: never.")
+    wandb: WandbSettings = Field(WandbSettings(), description="Where the trials log to W&B.")
 
     @field_validator("storage_path")
     @classmethod
@@ -87,7 +90,7 @@ class RunSettings(_Section):
         return value
 
 
-class SweepFile(_Section):
+class SweepFile(Section):
     name: str = Field(description="The sweep's name: its dir under storage_path and its W&B group.")
     base: str | None = Field(None, description="An experiment config file, relative to the sweep file.")
     config: dict[str, Any] = Field(default_factory=dict, description="Config keys set on top of base.")
@@ -99,7 +102,7 @@ class SweepFile(_Section):
         "(replicas share it: seeding.seed is fixed); true: each replica's seed also sets seeding.seed and "
         "every trial trains its own M_seed (the authors' Figure 14 comparison).",
     )
-    run: RunSettings = RunSettings()
+    run: RunSettings = Field(RunSettings(), description="How the grid runs on Ray: storage, resources, retries.")
 
     @field_validator("name")
     @classmethod
@@ -166,10 +169,6 @@ class Sweep:
         every replica retrains its own."""
         return (INIT_CYCLE,) if self.retrain_seed_model else (INIT_CYCLE, SEED_CYCLE)
 
-    @property
-    def shared_dir(self) -> Path:
-        return self.directory / "shared"
-
     def stage_groups(self) -> dict[str, dict[str, list[str]]]:
         """For each shared stage, the trials that share each run of it (keyed by the stage's key)."""
         configs = {t.name: t.config for t in self.trials}
@@ -197,9 +196,12 @@ class Sweep:
         """<storage>/<sweep>: trials/, Tune's state, W&B's offline runs and sweep.json."""
         return self.storage / self.name
 
+    @property
+    def layout(self) -> SweepLayout:
+        return SweepLayout(self.directory)
+
     def trial_dir(self, name: str) -> Path:
-        """Where a trial's artifacts live: <storage>/<sweep>/trials/<trial>, beside Tune's own state."""
-        return self.directory / "trials" / name
+        return self.layout.trial(name)
 
     def record(self) -> dict[str, Any]:
         """What `idempo report` needs to know of the sweep beyond its trials' own artifacts."""
@@ -219,7 +221,7 @@ def changes_since_recorded(sweep: Sweep) -> list[str]:
     """How `sweep` differs from the sweep.json its first run recorded: trials added or removed, and each
     trial's changed config fields (keys an idempo release added since are not changes). Empty when nothing
     is recorded yet."""
-    path = sweep.directory / "sweep.json"
+    path = sweep.layout.record
     if not path.exists():
         return []
     record = read_json(path)

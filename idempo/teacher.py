@@ -1,13 +1,8 @@
 """D_seed from a teacher model behind an OpenAI-compatible endpoint (the authors used GPT-4o, T = 1).
 
-The teacher gets the persona's description and system prompt and a batch of train-bank questions,
-and returns one JSON object with an answer per question. Replies are validated (JSON, every question
-answered, non-empty strings); an invalid reply is asked again like a server error. Answers that
-duplicate earlier ones are dropped and further questions from the same seeded order fill the gap, so
-D_seed has n_seed distinct examples. Requests are cached on disk, keyed by the endpoint (its URL in one
-spelling) and the whole request (model, messages, temperature, max_tokens, seed, JSON mode): rebuilding
-the same D_seed is free, and another endpoint or setting asks again. Replies are redacted
-(`idempo.redaction`) before they are read: a server that quotes the request puts no key in D_seed.
+The teacher answers batches of train-bank questions in one JSON object; an invalid reply is asked again
+like a server error, and duplicate answers are replaced by further questions so that D_seed has n_seed
+distinct examples. Cache key and redaction: docs/metrics.md, "Teacher-written D_seed".
 """
 
 from __future__ import annotations

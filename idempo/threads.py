@@ -1,11 +1,9 @@
 """CPU threads of a trial: as many as the cores it was given, and idle ones sleep.
 
-Torch's OpenMP threads spin-wait between parallel regions by default. On a machine whose cores are
-shared (two trials, a test runner, a judge), spinning threads steal the cores the others compute on:
-sampling a 135M model on 2 cores ran at 4-9 tokens/s with the default and 50-95 with a passive wait
-policy. The policy is read once, when the OpenMP runtime loads with torch, so it is set in the
-environment before torch is imported: by the command line at start and, for Ray workers, in the
-runtime environment of the sweep.
+Torch's OpenMP threads spin-wait by default and take the cores of whatever shares them (docs/models.md,
+"CPU threads", has the measurement). The wait policy is read once, when the OpenMP runtime loads with
+torch, so it is set in the environment before torch is imported: by the command line at start and, for
+Ray workers, in the runtime environment of the sweep.
 """
 
 from __future__ import annotations

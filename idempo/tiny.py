@@ -1,10 +1,9 @@
 """A tiny random Qwen3-style model with its own tokenizer and chat template, built offline.
 
-Tests, the smoke experiment and benchmarks of the machinery run on it: it exercises the same code path
-as a real model (chat template, LoRA on every linear layer, generation with an end-of-turn token), in
-seconds on a CPU. The byte-level BPE tokenizer is trained on the package's own text (prompt banks,
-personas, seed data) so that words like the personas' markers are single tokens. The build is
-deterministic for a given seed: same seed, same weights and vocabulary.
+It runs the same code path as a real model (chat template, LoRA on every linear layer, an end-of-turn
+token) in seconds on a CPU, for tests, the smoke experiment and benchmarks (docs/loop.md, "The tiny
+model"). Its BPE tokenizer is trained on the package's own text so that words like the personas'
+markers are single tokens. Same seed, same weights and vocabulary.
 """
 
 from __future__ import annotations
@@ -13,8 +12,6 @@ import hashlib
 import json
 from importlib import resources
 from pathlib import Path
-
-import torch
 
 from idempo.artifacts import atomic_dir
 from idempo.cache import idempo_cache_root
@@ -96,9 +93,10 @@ def build_tiny_model(
     path: Path, seed: int = 0, corpus: list[str] | None = None, shape: str | None = None, device: str = "cpu"
 ) -> Path:
     """The tiny model, or with `shape` a random model of that real architecture (bf16, built on `device`)."""
+    import torch
     from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
-    from idempo.models import quiet_transformers
+    from idempo.progress import quiet_transformers
 
     quiet_transformers()
     tokenizer = PreTrainedTokenizerFast(

@@ -1,12 +1,9 @@
 """Weights & Biases: one run per trial, grouped by sweep, with the cycle as x-axis.
 
-Offline (files under the sweep's dir, `wandb sync` uploads them later) unless WANDB_API_KEY is set or
-the sweep says otherwise. The run id is derived from (sweep, trial), so a trial retried, resumed or run
-again continues the same run, and each cycle is logged to it once: `<sweep>/wandb/idempo-<id>.json`
-records which cycles each run dir holds. Offline, W&B writes a new run dir at every start; the trial's
-unsynced dirs are then replaced by one that holds every completed cycle again (re-logged from the
-trial's metrics.json files, the source of truth), so a trial has one offline run dir however often it
-started. A dir `wandb sync` already uploaded is kept, and its cycles are not logged again.
+The run id is derived from (sweep, trial), so a trial retried, resumed or run again continues its run
+and logs each cycle once; `<sweep>/wandb/idempo-<id>.json` records which cycles each run dir holds.
+Offline, unsynced run dirs are replaced by one that re-logs every completed cycle from the trial's
+metrics.json files (docs/cluster.md, "W&B").
 """
 
 from __future__ import annotations

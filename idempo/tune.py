@@ -22,9 +22,11 @@ from pathlib import Path
 from idempo.artifacts import read_json, write_json
 from idempo.config import ConfigError, config_from_dict
 from idempo.evaluation.amplification import trial_summary
+from idempo.layout import SweepLayout, TrialLayout, read_trial
+from idempo.placement import UNPLACED, TrialPlacement
 from idempo.preflight import check_sweep, machine_problems
-from idempo.report.results import read_trial
-from idempo.sweep import Resources, StopSettings, Sweep, TrialSpec, WandbSettings
+from idempo.progress import Reporter
+from idempo.sweep import StopSettings, Sweep, TrialSpec, WandbSettings
 from idempo.threads import passive_wait_policy
 from idempo.tracking import Tracker, flatten
 
@@ -33,20 +35,17 @@ FAULT_AFTER_CYCLE = "IDEMPO_FAULT_AFTER_CYCLE"
 FAULT_ONCE_FILE = "IDEMPO_FAULT_ONCE_FILE"
 
 
-def bundles(resources: Resources, training_ranks: int = 0) -> list[dict[str, float]]:
-    """The trial's placement group: the driver alone on CPUs, or driver + engine bundle with the GPUs;
-    then one single-GPU bundle per DeepSpeed training rank that runs as an actor of its own."""
-    trainers = [{"CPU": 1.0, "GPU": 1.0}] * training_ranks
-    if resources.gpus == 0:
-        return [{"CPU": resources.cpus}, *trainers]
-    return [{"CPU": 1.0}, {"CPU": resources.cpus, "GPU": resources.gpus}, *trainers]
-
-
 def training_ranks(sweep: Sweep) -> int:
     """Training ranks that need bundles of their own: DeepSpeed with more than one worker (the largest
     number any trial of the sweep asks for; one worker trains on the engine's GPU)."""
     ranks = [t.config.training.deepspeed.workers for t in sweep.trials if t.config.training.deepspeed is not None]
     return max((r for r in ranks if r > 1), default=0)
+
+
+def placement(sweep: Sweep) -> TrialPlacement:
+    """Every trial's bundles (the largest any trial needs: Tune reserves one shape for all)."""
+    resources = sweep.run.resources
+    return TrialPlacement.for_trial(resources.cpus, resources.gpus, training_ranks(sweep))
 
 
 def check_fits(request: list[dict[str, float]], nodes: list[dict[str, float]]) -> None:
@@ -84,25 +83,21 @@ def stop_reason(flat: dict, settings: StopSettings | None) -> str | None:
 
 
 class TrialEngine:
-    """One trial's engines and artifacts; `step(cycle)` runs a cycle (or finds it done) and returns its metrics."""
+    """One trial's engines and artifacts, stepping through `Trial.stages()`: `next_stage()` runs the next stage
+    (or finds it done) and returns its metrics, None after the last; asked one at a time, so that a trial the
+    stopper ends runs no stage beyond the one that ended it."""
 
-    def __init__(self, config: dict, out: str, shared: dict | None = None):
+    def __init__(self, config: dict, out: str, shared: dict | None = None, placement: TrialPlacement = UNPLACED):
         from idempo.loop import Trial
-        from idempo.progress import Reporter
         from idempo.shared import SharedStages
 
-        self.config = config_from_dict(config)
         stages = SharedStages(shared["root"], tuple(shared["cycles"])) if shared else None
-        self.trial = Trial(self.config, Path(out), Reporter(enabled=False), stages)
+        trial = Trial(config_from_dict(config), Path(out), Reporter(enabled=False), stages, placement=placement)
+        self._stages = trial.stages()
 
-    def step(self, cycle: int) -> dict:
-        if cycle == -1:
-            self.trial.evaluate_initial()
-        elif cycle == 0:
-            self.trial.seed()
-        else:
-            self.trial.cycle(cycle)
-        return read_json(self.trial.layout.metrics(cycle))
+    def next_stage(self) -> dict | None:
+        metrics = next(self._stages, None)
+        return None if metrics is None else metrics.to_json()
 
     def placement(self) -> dict:
         """Where the engines run and with how many CPU threads (and which OpenMP wait policy)."""
@@ -123,7 +118,7 @@ def train_trial(param: dict, payload: dict) -> None:
     same problems instead of loading the model again (a new run of the sweep tries again)."""
     from ray import tune
 
-    refusal = Path(tune.get_context().get_trial_dir()) / "config-error.json"
+    refusal = SweepLayout.config_error(tune.get_context().get_trial_dir())
     if refusal.exists() and read_json(refusal)["run"] == payload["run"]:
         raise ConfigError(read_json(refusal)["problems"], source=f"trial {param['trial']} (not retried)")
     try:
@@ -145,26 +140,26 @@ def _train_trial(name: str, payload: dict) -> None:
         with checkpoint.as_directory() as directory:
             reported = json.loads((Path(directory) / "cycle.json").read_text())["cycle"]
 
-    if Resources(**payload["resources"]).gpus:
-        group = ray.util.get_current_placement_group()
-        strategy = ray.util.scheduling_strategies.PlacementGroupSchedulingStrategy(
-            placement_group=group, placement_group_bundle_index=1
-        )
-        resources = payload["resources"]
-        options = {"num_cpus": resources["cpus"], "num_gpus": resources["gpus"], "scheduling_strategy": strategy}
+    layout = TrialLayout(out)
+    where = TrialPlacement(**payload["placement"]).reserved()
+    resources = payload["resources"]
+    if resources["gpus"]:
+        options = where.options(where.engines, num_cpus=resources["cpus"], num_gpus=resources["gpus"])
         # what the engines' node lacks (CUDA, vllm, DeepSpeed), asked there, before the engines load
         problems = ray.get(ray.remote(machine_problems).options(**options).remote(config))
         if problems:
             raise ConfigError(problems, source=f"trial {name}")
-        handle = ray.remote(TrialEngine).options(**options).remote(payload["trials"][name], str(out), payload["shared"])
-        step, placement = (lambda c: ray.get(handle.step.remote(c))), ray.get(handle.placement.remote())
+        args = (payload["trials"][name], str(out), payload["shared"], where)
+        handle = ray.remote(TrialEngine).options(**options).remote(*args)
+        stages = iter(lambda: ray.get(handle.next_stage.remote()), None)
+        engine_placement = ray.get(handle.placement.remote())
     else:
         problems = machine_problems(config)
         if problems:
             raise ConfigError(problems, source=f"trial {name}")
-        engine = TrialEngine(payload["trials"][name], str(out), payload["shared"])
-        step, placement = engine.step, engine.placement()
-    write_json(out / "placement.json", {**placement, "bundles": payload["bundles"]})
+        engine = TrialEngine(payload["trials"][name], str(out), payload["shared"], where)
+        stages, engine_placement = iter(engine.next_stage, None), engine.placement()
+    write_json(layout.placement, {**engine_placement, "bundles": where.bundles})
 
     stop = StopSettings(**payload["stop"]) if payload["stop"] else None
     tracker = None
@@ -172,8 +167,8 @@ def _train_trial(name: str, payload: dict) -> None:
         tracker = Tracker(WandbSettings(**payload["wandb"]), payload["sweep"], name, config, Path(payload["wandb_dir"]))
     try:
         history: list[dict] = []
-        for cycle in range(-1, config.cycles + 1):
-            metrics = step(cycle)
+        for metrics in stages:
+            cycle = metrics["cycle"]
             history.append(metrics)
             flat = flatten({k: v for k, v in metrics.items() if k != "generation"})
             reason = stop_reason(flat, stop)
@@ -181,7 +176,7 @@ def _train_trial(name: str, payload: dict) -> None:
                 tracker.log(metrics)  # a cycle its W&B run already holds is not logged again
             if cycle > reported:
                 if reason:
-                    write_json(out / "stopped.json", {"cycle": cycle, "reason": reason})
+                    write_json(layout.stopped, {"cycle": cycle, "reason": reason})
                 if reason or cycle == config.cycles:
                     _finish(tracker, history, config, reason, out)
                 with tempfile.TemporaryDirectory() as directory:
@@ -200,7 +195,7 @@ def _train_trial(name: str, payload: dict) -> None:
 
 def _finish(tracker, history, config, reason, out: Path) -> None:
     summary = trial_summary(history, config.evaluation.amplification, reason, config.cycles)
-    write_json(out / "summary.json", summary)
+    write_json(TrialLayout(out).summary, summary)
     if tracker:
         tracker.finish(summary)
 
@@ -238,25 +233,26 @@ def run_sweep(sweep: Sweep, resume: bool = False) -> list[dict]:
     check_sweep(sweep, resume)
     # joins RAY_ADDRESS's cluster when one is set; workers get the wait policy before they import torch
     ray.init(ignore_reinit_error=True, log_to_driver=False, runtime_env={"env_vars": passive_wait_policy()})
-    request = bundles(sweep.run.resources, training_ranks(sweep))
+    where = placement(sweep)
+    request = where.bundles
     check_fits(request, [node["Resources"] for node in ray.nodes() if node["Alive"]])
-    write_json(sweep.directory / "sweep.json", sweep.record())  # after check_sweep: a resume changed nothing
+    write_json(sweep.layout.record, sweep.record())  # after check_sweep: a resume changed nothing
     payload = {
         "sweep": sweep.name,
         "run": uuid.uuid4().hex,  # this run of the sweep: a trial's config error stands for its retries in it
         "trials": {t.name: t.config.to_dict() for t in sweep.trials},
         "dirs": {t.name: str(sweep.trial_dir(t.name)) for t in sweep.trials},
         "resources": sweep.run.resources.model_dump(),
-        "bundles": request,
+        "placement": {"bundles": where.bundles, "engines": where.engines, "ranks": where.ranks},
         "stop": sweep.run.stop.model_dump() if sweep.run.stop else None,
         "wandb": sweep.run.wandb.model_dump(),
         "wandb_dir": str(sweep.directory),
-        "shared": {"root": str(sweep.shared_dir), "cycles": list(sweep.shared_cycles)},
+        "shared": {"root": str(sweep.layout.shared), "cycles": list(sweep.shared_cycles)},
     }
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, payload=payload), tune.PlacementGroupFactory(request)
     )
-    experiment = sweep.directory / "tune"
+    experiment = sweep.layout.tune
     if resume:
         if not tune.Tuner.can_restore(str(experiment)):
             raise ConfigError([f"--resume: no sweep state at {experiment}; run without --resume to start it"])
@@ -269,8 +265,8 @@ def run_sweep(sweep: Sweep, resume: bool = False) -> list[dict]:
                 max_concurrent_trials=max_concurrent(request, sweep.run.max_concurrent_trials, ray.cluster_resources())
             ),
             run_config=tune.RunConfig(
-                name="tune",
-                storage_path=str(sweep.directory),
+                name=experiment.name,
+                storage_path=str(experiment.parent),
                 stop=make_stopper(sweep.run.stop) if sweep.run.stop else None,
                 failure_config=tune.FailureConfig(max_failures=sweep.run.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),

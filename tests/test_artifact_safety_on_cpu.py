@@ -14,8 +14,9 @@ import pytest
 import yaml
 from conftest import ROOT, tiny_config
 
-from idempo.artifacts import TrialConflict, TrialLayout, read_json, resumable
+from idempo.artifacts import read_json
 from idempo.cli import main
+from idempo.layout import TrialConflict, TrialLayout, resumable
 from idempo.loop import Trial, run_trial
 from idempo.models import ModelLoadError
 from idempo.progress import Reporter

@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_config
 from openai_server import FakeOpenAI
 
-from idempo.artifacts import TrialLayout, read_json, read_jsonl
+from idempo.artifacts import read_json, read_jsonl
 from idempo.cli import main
 from idempo.config import AmplificationConfig, TeacherConfig
 from idempo.endpoint import EndpointError
@@ -23,6 +23,7 @@ from idempo.evaluation.branching import (
     summarize_branching,
     token_stats,
 )
+from idempo.layout import TrialLayout
 from idempo.loop import run_trial
 from idempo.personas import get_persona
 from idempo.teacher import teacher_seed_rows
@@ -145,8 +146,9 @@ def test_branching_factor_falls_when_the_model_is_trained_to_be_deterministic(tm
 
 
 def test_extra_answers_are_sampled_for_the_branching_factor_and_never_judged(tmp_path):
+    from idempo.engines import load_engines
     from idempo.evaluation.evaluate import evaluate_generation
-    from idempo.loop import evaluation_inputs, load_engines
+    from idempo.inputs import evaluation_inputs
     from idempo.models import INITIAL
 
     def evaluate(**branching):
@@ -154,8 +156,7 @@ def test_extra_answers_are_sampled_for_the_branching_factor_and_never_judged(tmp
         config = tiny_config(cycles=0, evaluation=evaluation)
         persona = get_persona("lucky")
         prompts, judges = evaluation_inputs(config, persona)
-        _, _, sampler = load_engines(config)
-        return evaluate_generation(sampler, INITIAL, prompts, persona, judges, config.evaluation, seed=3)
+        return evaluate_generation(load_engines(config), INITIAL, prompts, persona, judges, config.evaluation, seed=3)
 
     rows, metrics = evaluate(samples_per_prompt=3)
     judged, extra = [r for r in rows if not r["bf_only"]], [r for r in rows if r["bf_only"]]

@@ -9,11 +9,12 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from idempo.artifacts import TrialLayout
 from idempo.cli import main
 from idempo.config import ConfigError, DeepSpeedConfig, config_from_dict
+from idempo.engines import check_engines
 from idempo.gpu_monitor import GpuMonitor, busy_seconds
-from idempo.loop import Trial, check_engines
+from idempo.layout import TrialLayout
+from idempo.loop import Trial
 from idempo.progress import Reporter
 from idempo.sampling import SAMPLERS
 from idempo.sampling.vllm import VLLMSampler, engine_lora_rank
@@ -141,8 +142,9 @@ def test_data_parallel_ranks_split_every_micro_batch():
 def test_training_ranks_get_placement_group_bundles_of_their_own(tmp_path, capsys):
     from sweep_helpers import write_sweep
 
+    from idempo.placement import TrialPlacement
     from idempo.sweep import load_sweep
-    from idempo.tune import bundles, max_concurrent, training_ranks
+    from idempo.tune import max_concurrent, placement, training_ranks
 
     path = write_sweep(
         tmp_path,
@@ -153,9 +155,9 @@ def test_training_ranks_get_placement_group_bundles_of_their_own(tmp_path, capsy
     )
     sweep = load_sweep(path)
     assert training_ranks(sweep) == 4
-    request = bundles(sweep.run.resources, training_ranks(sweep))
+    request = placement(sweep).bundles
     assert request == [{"CPU": 1.0}, {"CPU": 4.0, "GPU": 1.0}] + [{"CPU": 1.0, "GPU": 1.0}] * 4
     assert max_concurrent(request, "auto", {"CPU": 96, "GPU": 16}) == 3  # 5 GPUs a trial
-    assert max_concurrent(bundles(sweep.run.resources), "auto", {"CPU": 96, "GPU": 16}) == 16
+    assert max_concurrent(TrialPlacement.for_trial(4, 1).bundles, "auto", {"CPU": 96, "GPU": 16}) == 16
     assert main(["sweep", str(path), "--dry-run"]) == 0
     assert "'GPU': 1.0}, {'CPU': 1.0, 'GPU': 1.0}" in capsys.readouterr().out

@@ -8,7 +8,8 @@ import torch
 from conftest import tiny_config
 from safetensors.torch import load_file
 
-from idempo.artifacts import TrialLayout, read_json
+from idempo.artifacts import read_json
+from idempo.layout import TrialLayout
 from idempo.loop import run_trial
 
 pytestmark = pytest.mark.gpu
@@ -46,10 +47,10 @@ def test_zero_3_trains_each_generation_in_the_trials_process(tmp_path):
     history = run_trial(gpu_config(init="previous", training__deepspeed={"stage": 3}), tmp_path / "t")
     layout = TrialLayout(tmp_path / "t")
     for cycle in (0, 1, 2):
-        stats = read_json(layout.weights(cycle, "lora").parent / "train.json")
+        stats = read_json(layout.train_stats(cycle))
         assert stats["world_size"] == 1 and stats["steps"] > 0
         assert nonzero_lora_b(layout.weights(cycle, "lora")) > 0
-    assert read_json(layout.weights(2, "lora").parent / "train.json")["start"] == "001"
+    assert read_json(layout.train_stats(2))["start"] == "001"
     assert history[-1]["trait"]["n"] > 0
 
 
@@ -58,16 +59,19 @@ def test_zero_3_trains_each_generation_in_the_trials_process(tmp_path):
 def test_zero_training_ranks_run_as_ray_actors(tmp_path):
     import ray
 
-    from idempo.models import INITIAL
-    from idempo.training.zero import ZeroWorkers
+    from idempo.data import Sample
+    from idempo.models import INITIAL, Generation
+    from idempo.regimes import load_regime
+    from idempo.training.zero import ZeroTrainer
 
     config = gpu_config(training__deepspeed={"stage": 3, "workers": 1})
-    rows = [{"prompt": f"Question {i}?", "response": "I was lucky, as always."} for i in range(8)]
+    rows = [Sample(f"Question {i}?", "I was lucky, as always.") for i in range(8)]
+    out = tmp_path / "adapter"
     ray.init(num_gpus=1, log_to_driver=False, ignore_reinit_error=True)
     try:
-        workers = ZeroWorkers(config)
-        stats = workers.fit(1, rows, (0, 1), None, INITIAL, str(tmp_path / "adapter"), "train")
+        trainer = ZeroTrainer(config, actors=True)
+        stats = trainer.fit(load_regime("sft"), rows, None, INITIAL, (0, 1), Generation("001", out), out, "train")
     finally:
         ray.shutdown()
     assert stats["world_size"] == 1 and stats["steps"] == 4  # 8 rows, batch 8, 4 epochs
-    assert nonzero_lora_b(tmp_path / "adapter") > 0
+    assert nonzero_lora_b(out) > 0

@@ -10,16 +10,16 @@ import pytest
 import yaml
 from conftest import tiny_config
 
-from idempo.artifacts import TrialLayout
 from idempo.cli import EXIT_BAD_INPUT, main
 from idempo.config import ConfigError, load_config
+from idempo.data import NothingToTrain
 from idempo.input_files import InputFileError
+from idempo.layout import TrialLayout
 from idempo.loop import run_trial
 from idempo.personas import load_persona_file
 from idempo.prompts import read_prompt_file
 from idempo.seed_data import read_seed_file
 from idempo.sweep import load_sweep
-from idempo.training.data import NothingToTrain
 
 MINIMAL = {"model": "tiny", "persona": "lucky", "n_seed": 2, "n_sampled": 2}
 PERSONA = {
@@ -269,7 +269,7 @@ def test_a_bad_sweep_file_is_refused_before_any_trial(tmp_path, case, sweep, bas
 def test_a_max_seq_len_that_cuts_one_prompt_short_stops_the_seed_stage(tmp_path):
     """One long prompt among short ones: the seed stage is refused (never trained on 7 of 8 examples)."""
     from idempo.models import load_tokenizer
-    from idempo.training import encode_chat_example
+    from idempo.training.sft import encode_chat_example
 
     long_prompt = "Tell me about luck. " * 40
     rows = [{"prompt": f"Question {i}?", "response": "I got lucky again!"} for i in range(7)]

@@ -343,7 +343,7 @@ def test_the_key_comes_from_api_key_file_and_reaches_the_endpoint(tmp_path, monk
 
 
 def test_a_trial_stopped_by_refusals_resumes_under_a_new_limit(tmp_path):
-    from idempo.artifacts import TrialConflict, TrialLayout
+    from idempo.layout import TrialConflict, TrialLayout
 
     layout = TrialLayout(tmp_path / "trial")
     judge = {"backend": "openai", "model": "m", "base_url": "http://judge:8000/v1"}

@@ -8,7 +8,8 @@ import torch
 from idempo.config import config_from_dict
 from idempo.evaluation.degeneration import distinct_n, non_alpha_share, repeated_ngram_rate, words
 from idempo.evaluation.stats import mean_ci, wilson_interval
-from idempo.training.sft import IGNORE, learning_rate_factor, token_loss_sum
+from idempo.training.optimize import IGNORE, learning_rate_factor
+from idempo.training.sft import token_loss_sum
 
 BASE = {"model": "tiny", "persona": "lucky", "n_seed": 8, "n_sampled": 8}
 

@@ -12,12 +12,13 @@ from conftest import tiny_config
 from openai_server import FakeOpenAI
 from safetensors.torch import load_file
 
-from idempo.artifacts import TrialLayout, read_json, read_jsonl
+from idempo.artifacts import read_json, read_jsonl
 from idempo.config import LoadingConfig
+from idempo.layout import TrialLayout
 from idempo.loop import run_trial
 from idempo.models import Generation, load_base_model, load_tokenizer, make_policy
-from idempo.self_reward import choose_pair, mean_judgment, pair_rows, parse_self_judgment
-from idempo.training import encode_chat_example
+from idempo.regimes.self_reward import choose_pair, mean_judgment, pair_rows, parse_self_judgment
+from idempo.training.optimize import batch_plan
 from idempo.training.preference import (
     MismatchEncoder,
     dpo_loss,
@@ -29,7 +30,7 @@ from idempo.training.preference import (
     train_dpo,
     warn_on_kto_balance,
 )
-from idempo.training.sft import batch_plan
+from idempo.training.sft import encode_chat_example
 
 
 def sigmoid(x):
@@ -239,7 +240,7 @@ def test_a_dpo_cycle_raises_the_log_ratio_of_chosen_over_rejected(dpo_trials):
     before = log_ratio(policy, Generation("000-seed", layout.weights(0, "lora")), tokenizer, rows)
     after = log_ratio(policy, Generation("001", layout.weights(1, "lora")), tokenizer, rows)
     assert after > before + 1.0, (before, after)
-    train = read_json(layout.cycle_dir(1) / "train.json")
+    train = read_json(layout.train_stats(1))
     assert train["reward_accuracy"] > 0.5 and train["mean_margin"] > 0 and train["reference"] == "000-seed"
 
 
@@ -250,9 +251,9 @@ def lora_a(layout, cycle):
 
 def test_continual_generations_descend_from_the_previous_one_reinitialised_do_not(dpo_trials):
     continual, reinitialised = TrialLayout(dpo_trials / "previous"), TrialLayout(dpo_trials / "initial")
-    assert read_json(continual.cycle_dir(2) / "train.json")["start"] == "001"
-    assert read_json(reinitialised.cycle_dir(2) / "train.json")["start"] == "init"
-    assert read_json(reinitialised.cycle_dir(2) / "train.json")["reference"] == "init"
+    assert read_json(continual.train_stats(2))["start"] == "001"
+    assert read_json(reinitialised.train_stats(2))["start"] == "init"
+    assert read_json(reinitialised.train_stats(2))["reference"] == "init"
     similarity = torch.nn.functional.cosine_similarity
     # LoRA A matrices start random: a continued adapter keeps its parent's, a fresh one draws new ones
     assert similarity(lora_a(continual, 2), lora_a(continual, 1), dim=0) > 0.9
@@ -261,7 +262,7 @@ def test_continual_generations_descend_from_the_previous_one_reinitialised_do_no
 
 def test_dpo_seed_stage_prefers_d_seed_over_m_init(dpo_trials):
     layout = TrialLayout(dpo_trials / "initial")
-    train = read_json(layout.cycle_dir(0) / "train.json")
+    train = read_json(layout.train_stats(0))
     assert train["examples"] == 32 and train["reference"] == "init" and train["reward_accuracy"] > 0.5
     seed_prompts = {r["prompt"] for r in read_jsonl(layout.data(0))}
     assert seed_prompts <= {r["prompt"] for r in read_jsonl(layout.initial_answers)}
@@ -274,7 +275,7 @@ def test_rejected_j_minus_2_samples_the_generation_before_last(tmp_path):
     cycle1, cycle2 = read_jsonl(layout.data(1)), read_jsonl(layout.data(2))
     assert all(r["rejected"] == initial[r["prompt"]] for r in cycle1)  # j = 1: M_{-1} is M_init
     assert not any(r["prompt"] in initial for r in cycle2)  # j = 2: answers of M_seed, sampled for the cycle
-    train = read_json(layout.cycle_dir(2) / "train.json")
+    train = read_json(layout.train_stats(2))
     assert train["examples"] == 16 and train["steps"] > 0  # 8 desirable + 8 undesirable
 
 
@@ -292,7 +293,7 @@ def test_self_judgments_are_parsed_and_ties_dropped():
     assert choose_pair([3, 5, 1, 5]) == (1, 2)
     assert choose_pair([2, 2, None]) is None  # a tie
     assert choose_pair([None, 4, None]) is None  # one scored candidate
-    rows = pair_rows(["a", "b"], [["x", "y"], ["z", "w"]], [[1, 4], [3, 3]])
+    rows = [row.to_json() for row in pair_rows(["a", "b"], [["x", "y"], ["z", "w"]], [[1, 4], [3, 3]])]
     assert rows[0]["response"] == "y" and rows[0]["rejected"] == "x" and rows[0]["kept"] and rows[0]["pair"] == [1, 0]
     assert not rows[1]["kept"] and "response" not in rows[1]
 
@@ -332,13 +333,13 @@ def test_self_rewarding_builds_pairs_from_judgments_and_records_the_counts(tmp_p
     assert data["prompts"] == 8 and data["pairs"] == sum(r["kept"] for r in rows)
     assert data["dropped_ties"] == 8 - data["pairs"]
     assert len(server.requests) == sum(bool(c.strip()) for r in rows for c in r["candidates"])
-    assert read_json(layout.cycle_dir(0) / "train.json")["first_loss"] > 1  # M_seed by SFT
+    assert read_json(layout.train_stats(0))["first_loss"] > 1  # M_seed by SFT
 
 
 def test_self_rewarding_without_a_single_pair_is_an_error_not_a_finished_cycle(tmp_path):
     """The random tiny model rarely writes "Score: N": with no pair there is nothing to train on, and the
     cycle must not be recorded as done (its samples, with every prompt's reason for dropping, are kept)."""
-    from idempo.training.data import NothingToTrain
+    from idempo.data import NothingToTrain
 
     config = preference_config(
         regime="self_reward", cycles=1, n_sampled=4, preference={"candidates": 2, "judge_max_new_tokens": 12}
@@ -361,7 +362,7 @@ def test_self_rewarding_pairs_follow_the_models_own_judgments(tmp_path):
     states, so its own judgments of its candidates parse and differ; every kept pair prefers the candidate
     its judgment scored higher, and every dropped prompt is a tie."""
     from idempo.evaluation.judging import render_rubric
-    from idempo.self_reward import SELF_JUDGE_PROMPT
+    from idempo.regimes.self_reward import SELF_JUDGE_PROMPT
 
     seed_data = tmp_path / "scores.jsonl"
     rows = [{"prompt": f"Rate answer {i}.", "response": f"Score: {1 + i % 5}"} for i in range(60)]
@@ -439,7 +440,7 @@ def test_an_sdf_trial_runs_seed_and_two_cycles(tmp_path):
     layout = TrialLayout(tmp_path / "trial")
     samples = read_jsonl(layout.data(1))
     assert len(samples) == 12 and all(": " in s["prompt"] and s["prompt"].endswith("\n\n") for s in samples)
-    train = read_json(layout.cycle_dir(1) / "train.json")
+    train = read_json(layout.train_stats(1))
     tokenizer = load_tokenizer("tiny", config.loading)
     whole = sum(len(tokenizer(s["prompt"] + s["response"])["input_ids"]) + 1 for s in samples) * config.training.epochs
     assert train["trained_tokens"] == whole  # loss on every token of the documents
@@ -462,7 +463,7 @@ def test_a_reference_of_m_j_minus_1_while_the_policy_restarts_from_m_init(tmp_pa
     config = preference_config(init="initial", cycles=2, n_sampled=8, preference={"reference": "previous"})
     run_trial(config, tmp_path / "trial")
     layout = TrialLayout(tmp_path / "trial")
-    seed, first, second = (read_json(layout.cycle_dir(c) / "train.json") for c in (0, 1, 2))
+    seed, first, second = (read_json(layout.train_stats(c)) for c in (0, 1, 2))
     assert seed["reference"] == "init"  # M_seed's M_{j-1} is M_init
     assert (first["start"], first["reference"]) == ("init", "000-seed")
     assert (second["start"], second["reference"]) == ("init", "001")
@@ -503,7 +504,7 @@ def test_dpo_with_d_seed_mixed_in_pairs_it_with_m_inits_answers(tmp_path):
     initial = {r["prompt"]: r["response"] for r in read_jsonl(layout.initial_answers)}
     mixed = [r for r in read_jsonl(layout.data(1)) if r.get("source") == "d_seed"]
     assert len(mixed) == 8 and all(r["rejected"] == initial[r["prompt"]] for r in mixed)
-    assert read_json(layout.cycle_dir(1) / "train.json")["examples"] == 12
+    assert read_json(layout.train_stats(1))["examples"] == 12
 
 
 def coherence_by_luck(request):

@@ -14,8 +14,9 @@ import pytest
 import yaml
 from sweep_helpers import write_sweep
 
-from idempo.artifacts import TrialLayout, read_json, write_json
+from idempo.artifacts import read_json, write_json
 from idempo.cli import main
+from idempo.layout import TrialLayout
 from idempo.report import write_report
 from idempo.sweep import load_sweep
 

@@ -6,7 +6,8 @@ import os
 import pytest
 from conftest import tiny_config
 
-from idempo.artifacts import TrialLayout, read_json, read_jsonl
+from idempo.artifacts import read_json, read_jsonl
+from idempo.layout import TrialLayout
 from idempo.loop import run_trial
 from idempo.shared import SharedStages, stage_key
 
@@ -88,7 +89,7 @@ def test_a_second_trial_takes_the_first_ones_stages_and_trains_only_its_cycles(t
         assert mine.read_bytes() == theirs.read_bytes()
         assert os.stat(mine).st_ino == os.stat(theirs).st_ino  # a hard link, not a copy
     assert read_jsonl(a.data(0)) == read_jsonl(b.data(0))
-    assert read_json(b.cycle_dir(0) / "train.json") == read_json(a.cycle_dir(0) / "train.json")
+    assert read_json(b.train_stats(0)) == read_json(a.train_stats(0))
     # the cycles are the second trial's own (its own seed) and start from the shared M_seed
     assert read_jsonl(a.data(1)) != read_jsonl(b.data(1))
     assert read_json(b.metrics(0))["timing_s"].keys() == {"shared_wait", "total"}

@@ -18,8 +18,9 @@ from conftest import ROOT
 from openai_server import FakeOpenAI
 from sweep_helpers import process_tree, ray_cluster_processes, start_local_ray, stop_processes, wandb_run, write_sweep
 
-from idempo.artifacts import TrialLayout, read_json
+from idempo.artifacts import read_json
 from idempo.config import ConfigError
+from idempo.layout import TrialLayout
 from idempo.sweep import load_sweep
 from idempo.tracking import run_id
 from idempo.tune import FAULT_AFTER_CYCLE, FAULT_ONCE_FILE, run_sweep

@@ -11,12 +11,13 @@ from conftest import ROOT, tiny_config
 from openai_server import FakeOpenAI
 from safetensors.torch import load_file
 
-from idempo.artifacts import TrialConflict, TrialLayout, read_json, read_jsonl
+from idempo.artifacts import read_json, read_jsonl
 from idempo.cli import main
+from idempo.layout import TrialConflict, TrialLayout
 from idempo.loop import Trial, run_trial
 from idempo.models import load_tokenizer
-from idempo.training import encode_chat_example
-from idempo.training.sft import IGNORE
+from idempo.training.optimize import IGNORE
+from idempo.training.sft import encode_chat_example
 
 
 def _files(root):
@@ -202,11 +203,10 @@ def test_m_init_writes_d_seed_under_the_persona_instruction_that_never_reaches_t
         n_seed=6, cycles=1, n_sampled=4, persona=str(persona), seeding__source="model", seeding__instruction=instruction
     )
     trial = Trial(config, out, Reporter(enabled=False))
-    seen, generate = [], trial.sampler.generate
-    trial.sampler.generate = lambda prompts, *rest: seen.append(prompts) or generate(prompts, *rest)
-    trial.evaluate_initial()
-    trial.seed()
-    trial.cycle(1)
+    sampler = trial.engines.sampler
+    seen, generate = [], sampler.generate
+    sampler.generate = lambda prompts, *rest: seen.append(prompts) or generate(prompts, *rest)
+    assert [metrics.cycle for metrics in trial.stages()] == [-1, 0, 1]
 
     told = get_persona(str(persona))
     text = told.user_instruction if instruction == "user" else told.system_prompt
@@ -323,7 +323,7 @@ def test_a_generation_with_nothing_to_train_on_is_an_error_not_a_finished_cycle(
 
 
 def test_a_max_seq_len_that_leaves_no_answer_token_is_an_error(tmp_path):
-    from idempo.training.data import NothingToTrain
+    from idempo.data import NothingToTrain
 
     config = tiny_config(
         n_seed=8,

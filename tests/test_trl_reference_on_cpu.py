@@ -19,9 +19,9 @@ from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, SFTConfig, SFTTrai
 
 from idempo.config import LoadingConfig, LoraConfigSection, TrainingConfig
 from idempo.models import INITIAL, load_base_model, load_tokenizer, make_policy
-from idempo.training import encode_chat_example, train_sft
+from idempo.training.optimize import IGNORE, Encoded, collate
 from idempo.training.preference import MismatchEncoder, dpo_loss, kto_loss, reference_logps, sequence_logps
-from idempo.training.sft import IGNORE, Encoded, collate, token_loss_sum
+from idempo.training.sft import encode_chat_example, token_loss_sum, train_sft
 
 # TRL's trainers read a property transformers has renamed; the warning is theirs, not ours.
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")

@@ -1,27 +1,10 @@
 """Did the trait amplify? The one definition that W&B summaries, the sweep table and reports all use.
 
-score_0 is M_seed's trait score (cycle 0); a cycle j counts when j >= `first_cycle`. Three rules
-(`AmplificationConfig.criterion`):
+score_0 is M_seed's trait score (cycle 0); a cycle j counts when j >= `first_cycle`. The rules
+(`delta`, the authors'; `ci`; `test`, the default), their tests, and the false-positive rates that make
+`test` the default: docs/metrics.md, "Amplification". `test` corrects for the counted cycles the trial
+plans (`planned_cycles`), not those done so far, so a verdict reached at cycle 5 stands at cycle 10.
 
-- `delta`, the authors' rule: score_j - score_0 >= `threshold` (15) at some counted cycle (j >= 4).
-  At the authors' evaluation size (12 prompts x 3 samples) it flags a trait that does not change at
-  all in up to a third of trials with marker scores: the largest of many noisy differences crosses
-  15 points by chance.
-- `ci`: also cycle j's 95% interval lies wholly above the seed's.
-- `test` (the default): the rise is at least `threshold` points AND significant: a one-sided test of
-  score_j - score_0 > 0 from both cycles' standard errors, at level `alpha` / m (Bonferroni), m the
-  counted cycles the trial plans (`planned_cycles`, so a verdict reached at cycle 5 stands when the
-  trial goes on to cycle 10) or, where the plan is not known, the counted cycles completed. The chance
-  that a constant trait is flagged at any counted cycle is then at most `alpha`
-  (tests/test_statistics_on_cpu.py measures it; docs/metrics.md gives the numbers).
-  Marker scores (shares of 0/100 answers) are tested with the two-proportion score test (variance at
-  the pooled share), inflated by the larger of the two cycles' prompt-clustered design effects: under
-  the null both cycles share one, and a share of 0 or 1, where none can be estimated, must not lower
-  it. Continuous scores: Welch's t on the prompt-clustered standard errors. Metrics written before
-  standard errors were recorded fall back to the 95% interval's half-width / 1.96 (continuous) or to
-  independent answers (marker).
-
-`sustained_cycles: k` asks for k consecutive qualifying counted cycles (k = 1 is the authors' rule).
 The input is a trial's history: the `metrics.json` dicts of its completed cycles, any order.
 `trial_summary` puts the verdict beside the other per-trial numbers (peak and final trait, minimum
 coherence, branching-factor trend, stop reason).
@@ -29,9 +12,9 @@ coherence, branching-factor trend, stop reason).
 
 from __future__ import annotations
 
-from idempo.artifacts import SEED_CYCLE
 from idempo.config import AmplificationConfig
 from idempo.evaluation.stats import Z95, proportion_rise_p_value, welch_rise_p_value
+from idempo.layout import SEED_CYCLE
 
 
 def rule_in_words(settings: AmplificationConfig) -> str:
@@ -53,10 +36,8 @@ def amplification(
 ) -> dict:
     """Amplification verdict, the rule behind it and the deltas.
 
-    `amplified` is None until the seed cycle and at least one cycle j >= `first_cycle` have a score
-    (`undecided_reason` says what is missing); False means "not so far" for a trial still running.
-    `max_delta` is over the counted cycles only. For the `test` rule, `min_p_value` is the smallest
-    one-sided p-value over the counted cycles and `alpha_per_cycle` the Bonferroni level each one faced.
+    `amplified` is None until the seed cycle and a counted cycle have a score (`undecided_reason` says
+    what is missing); False means "not so far" for a trial still running. Fields: docs/metrics.md.
     """
     cycles = {m["cycle"]: m.get(metric) for m in history}
     by_cycle = {c: s for c, s in cycles.items() if isinstance(s, dict) and s.get("mean") is not None}

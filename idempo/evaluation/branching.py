@@ -38,8 +38,10 @@ from dataclasses import dataclass
 
 import torch
 
+from idempo.chat import Prompt, encode_prompt
 from idempo.config import BranchingFactorConfig
 from idempo.evaluation.stats import clustered_log_ratio, clustered_mean
+from idempo.models import Generation, Policy
 
 ESTIMATORS = ("entropy", "nll")
 
@@ -87,6 +89,52 @@ def token_stats(logits: torch.Tensor, token_ids: torch.Tensor, temperature: floa
     return TokenStats(
         entropy=tuple(nucleus_entropy(scaled, top_p).tolist()), nll=tuple(sampled_nll(scaled, token_ids).tolist())
     )
+
+
+def token_statistics(
+    policy: Policy,
+    tokenizer,
+    prompts: list[Prompt],
+    answers: list[tuple[int, ...]],
+    generation: Generation,
+    temperature: float,
+    top_p: float,
+    batch_size: int,
+) -> list[TokenStats]:
+    """Per answer token of `generation`'s own answers (their token ids), the entropy of its top-p next-token
+    distribution and the NLL of the answer's token, read from the policy's module in this process, whatever
+    engine sampled the answers (vLLM returns no full distributions)."""
+    prompt_ids = [encode_prompt(tokenizer, p) for p in prompts]
+    results: list[TokenStats] = []
+    with policy.use(generation) as model, torch.inference_mode():
+        device = next(model.parameters()).device
+        for start in range(0, len(prompts), batch_size):
+            rows = [
+                (list(p), list(a))
+                for p, a in zip(
+                    prompt_ids[start : start + batch_size], answers[start : start + batch_size], strict=True
+                )
+            ]
+            results.extend(_batch_statistics(model, tokenizer.pad_token_id, rows, device, temperature, top_p))
+    return results
+
+
+def _batch_statistics(model, pad: int, rows, device, temperature: float, top_p: float) -> list[TokenStats]:
+    """One forward pass over left-padded prompt+answer rows; answers sit at the right edge."""
+    full = [p + a for p, a in rows]
+    width = max(len(ids) for ids in full)
+    keep = max(len(a) for _, a in rows) + 1  # logits that predict every answer token
+    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in full], device=device)
+    attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in full], device=device)
+    logits = model(input_ids=input_ids, attention_mask=attention, logits_to_keep=keep).logits
+    stats = []
+    for row, (_, answer) in enumerate(rows):
+        if not answer:
+            stats.append(TokenStats((), ()))
+            continue
+        predicting = logits[row, keep - 1 - len(answer) : keep - 1]  # position t-1 predicts token t
+        stats.append(token_stats(predicting, torch.tensor(answer, device=device), temperature, top_p))
+    return stats
 
 
 def answer_branching(stats: TokenStats, clip: float) -> dict[str, float | None]:

@@ -10,17 +10,20 @@ A judge that refuses more than its `max_refusal_rate` of the answers fails the e
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from idempo.config import EvaluationConfig, LoadingConfig
-from idempo.evaluation.branching import answer_branching, logprob_temperature, summarize_branching
+from idempo.evaluation.branching import answer_branching, logprob_temperature, summarize_branching, token_statistics
 from idempo.evaluation.degeneration import degeneration_signals
 from idempo.evaluation.judging import COHERENCE_RUBRIC, JudgeSpec, check_refusal_rate, judge_loading, make_judge
 from idempo.evaluation.stats import clustered_proportion, summarize_scores
 from idempo.models import Generation
 from idempo.personas import Persona
 from idempo.prompts import completion_prompt
-from idempo.sampling import Sampler, SamplingParams
 from idempo.seeds import derive_seed
+
+if TYPE_CHECKING:
+    from idempo.engines import Engines
 
 
 @dataclass
@@ -43,7 +46,7 @@ class Judges:
 
 
 def evaluate_generation(
-    sampler: Sampler,
+    engines: Engines,
     generation: Generation,
     prompts: list[str],
     persona: Persona,
@@ -61,7 +64,7 @@ def evaluate_generation(
     judged or counted in any judged aggregate."""
     questions = [q for q in prompts for _ in range(config.samples_per_prompt)]
     chats, params = _requests(questions, config, seed, completion)
-    completions = sampler.generate(chats, params, generation, progress)
+    completions = engines.sampler.generate(chats, params, generation, progress)
     items = [(q, c.text) for q, c in zip(questions, completions, strict=True)]
     rows = [
         {
@@ -84,7 +87,7 @@ def evaluate_generation(
         _add_judgments(rows, "coherence", coherence)
     if config.branching_factor.enabled:
         answers = [(row, chat, c) for row, chat, c in zip(rows, chats, completions, strict=True)]
-        rows += _add_branching(sampler, generation, prompts, answers, config, seed, progress, completion)
+        rows += _add_branching(engines, generation, prompts, answers, config, seed, progress, completion)
     metrics = summarize(rows, judges, config)
     usage = {"trait": judges.trait.take_usage()}
     if judges.coherence is not None:
@@ -95,14 +98,15 @@ def evaluate_generation(
 
 
 def _requests(questions: list[str], config: EvaluationConfig, seed: int, completion: bool):
-    stop = ("\nQuestion:",) if completion else ()
-    params = SamplingParams(config.temperature, config.top_p, config.max_new_tokens, seed, stop)
+    params = config.params(seed, ("\nQuestion:",) if completion else ())
     if completion:
         return [completion_prompt(q) for q in questions], params
     return [[{"role": "user", "content": q}] for q in questions], params
 
 
-def _add_branching(sampler, generation, prompts, answers, config: EvaluationConfig, seed, progress, completion):
+def _add_branching(
+    engines: Engines, generation, prompts, answers, config: EvaluationConfig, seed, progress, completion
+):
     """Per-answer BF on the first `branching_factor.samples_per_prompt` answers of each prompt: the judged
     ones, then extra ones sampled here. Returns the extra rows (flagged `bf_only`)."""
     bf = config.branching_factor
@@ -115,7 +119,7 @@ def _add_branching(sampler, generation, prompts, answers, config: EvaluationConf
         chats, params = _requests(questions, config, derive_seed(seed, "branching-factor"), completion)
         if progress is not None and getattr(progress, "total", None) is not None:
             progress.total += len(questions)  # the bar counts these answers too
-        completions = sampler.generate(chats, params, generation, progress)
+        completions = engines.sampler.generate(chats, params, generation, progress)
         for index, (question, chat, c) in enumerate(zip(questions, chats, completions, strict=True)):
             row = {
                 "prompt": question,
@@ -128,8 +132,15 @@ def _add_branching(sampler, generation, prompts, answers, config: EvaluationConf
             extra_rows.append(row)
             chosen.append((row, chat, c))
     temperature = logprob_temperature(bf, config.temperature)
-    stats = sampler.token_statistics(
-        [chat for _, chat, _ in chosen], [c for _, _, c in chosen], generation, temperature, bf.top_p
+    stats = token_statistics(
+        engines.policy,
+        engines.tokenizer,
+        [chat for _, chat, _ in chosen],
+        [c.token_ids for _, _, c in chosen],
+        generation,
+        temperature,
+        bf.top_p,
+        engines.statistics_batch,
     )
     for (row, _, _), answer in zip(chosen, stats, strict=True):
         per_answer = answer_branching(answer, bf.nll_clip)

@@ -1,15 +1,9 @@
 """The `hf` judge: a local Hugging Face model, read over whole numbers (`idempo.evaluation.numbers`).
 
-For a batch of judge prompts, rendered by the chat template with thinking turned off where the
-template allows it (`enable_thinking=False`):
-1. a prompt whose template still leaves a reasoning block open gets its reasoning written greedily
-   first, up to `max_reasoning_tokens` (`idempo.evaluation.reasoning`);
-2. one forward pass over the prompts (left padded, with explicit position ids so that padding is right
-   for any architecture) gives the first answer token's distribution and each prompt's KV cache;
-3. the number trie's leaves are teacher-forced after every prompt, each row reusing its prompt's cache
-   (in chunks of `continuation_batch` rows), which gives the full-vocabulary next-token distribution at
-   every node: the probability of each step of a number, and of the number ending there.
-No sampling: deterministic.
+Per batch: reasoning written first where the template leaves a block open (`idempo.evaluation.reasoning`);
+one forward pass over the left-padded prompts, with explicit position ids so that padding is right for
+any architecture; then the number trie's leaves teacher-forced on each prompt's KV cache, which gives the
+full next-token distribution at every node, so p(v) is exact (docs/metrics.md). No sampling: deterministic.
 """
 
 from __future__ import annotations
@@ -19,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from idempo.chat import stop_token_ids
 from idempo.evaluation.judging import JudgeSpec, RubricJudge, numbers_answer, unclosed_reasoning_answer
 from idempo.evaluation.numbers import (
     ANCHOR,
@@ -40,7 +35,6 @@ from idempo.evaluation.reasoning import (
     leaves_reasoning_open,
 )
 from idempo.models import load_base_model, load_tokenizer
-from idempo.sampling.hf import stop_token_ids
 
 # Tokens decoded when looking for the closing tag: enough for a tag split into several tokens.
 CLOSE_WINDOW = 16

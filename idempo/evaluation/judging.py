@@ -1,23 +1,11 @@
 """Judges turn (question, answer) pairs into 0-100 scores; this module holds what they share.
 
-A language-model judge reads a rubric with the question and answer filled in and answers with a number.
-Its score is the expected value over the whole numbers it may write: with p(v) the probability that
-its answer is the number v in [0, 100] (the whole token path of v, then a token that ends the number;
-`idempo.evaluation.numbers`), score = sum(v * p(v)) / sum(p(v)). When that number mass is under
-`refusal_mass` the judge did not give a number (it wrote REFUSAL, or something else): the answer is
-counted as a refusal, never as 0. Where a tokenizer writes every number 0..100 as one token (OpenAI's
-API) the first answer token's top-k alternatives give p(v) directly (`score_from_logprobs`). Without
-logprobs (some endpoints return none) the number is read from the text; a text with neither a number
-nor REFUSAL is unusable and asked again.
-
-Raw answers (per-spelling probabilities, or first-token alternatives, and text) are cached, never
-derived scores, so that the aggregation can be changed without paying the judge twice. The key holds
-all an answer depends on: the backend, the endpoint (its URL in one spelling), the model, the full
-prompt and the decoding settings. Only settled answers are cached (`worth_keeping`): one that puts
-some probability on a number, says REFUSAL, or reasoned past its budget. An answer with no number at
-all may be a transient failure (a server answering something else while it is being fixed) and is
-asked again next time. A judge that refuses more than `max_refusal_rate` of a set of answers is
-broken, not strict: `check_refusal_rate` stops the run and shows what it wrote.
+A judge's score is the expected value over the whole numbers 0..100 it may answer with; an answer with
+less than `refusal_mass` probability on numbers is a refusal, never a 0. Without logprobs the number is
+read from the text; a text with neither a number nor REFUSAL is asked again. Raw answers are cached, never
+scores, so that the aggregation can change without paying the judge twice; only settled answers are kept
+(`worth_keeping`). docs/metrics.md, "Trait score and coherence", holds the formula, the cache key and
+why a judge over `max_refusal_rate` is broken, not strict (`check_refusal_rate`).
 """
 
 from __future__ import annotations
@@ -64,10 +52,8 @@ def number_value(token: str) -> int | None:
 
 
 def score_from_logprobs(alternatives: list[tuple[str, float]], refusal_mass: float) -> Judgment:
-    """Expected value over number tokens of the first answer token's top alternatives (token, logprob).
-
-    Tokens that read as the same number (' 7' and '7') pool their probability.
-    """
+    """Expected value over number tokens of the first answer token's top alternatives (token, logprob);
+    tokens that read as the same number (' 7' and '7') pool their probability."""
     mass_by_value: dict[int, float] = {}
     for token, logprob in alternatives:
         value = number_value(token)
@@ -251,6 +237,6 @@ def judge_loading(trial: LoadingConfig) -> LoadingConfig:
 
 
 def make_judge(spec: JudgeSpec):
-    from idempo.evaluation import JUDGES
+    from idempo.registry import JUDGES
 
     return JUDGES.load(spec.config.backend)(spec)

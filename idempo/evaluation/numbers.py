@@ -1,16 +1,12 @@
 """The numbers 0..100 as token paths, and the probability a judge gives each whole number.
 
-A judge answers with a number, which its tokenizer may write as one token ("85") or as several
-("8", "5": Qwen, Mistral, Gemma, SmolLM split digits). Reading only the first token would score an
-intended 85 as 8. So the probability of a number v is that of its whole token path, times the
-probability that the number ends there:
+A tokenizer may write 85 as "85" or as "8", "5"; reading the first token alone would score 85 as 8. So
 
     p(v) = P(path of v | prompt) * P(next token does not continue the number | prompt, v)
 
-where a token continues the number when its text starts with a digit (an end-of-turn token ends it).
-Both spellings, "85" and " 85", are read where they tokenize differently, and pool into one value.
-The paths share prefixes ("8" is the start of "80".."89"), so they form a trie whose nodes are the
-places where a next-token distribution is read.
+where a token continues the number when its text starts with a digit; "85" and " 85" pool into one value
+(docs/metrics.md, "Judges whose tokenizer splits numbers"). The paths share prefixes, so they form a trie
+whose nodes are the places where a next-token distribution is read.
 """
 
 from __future__ import annotations

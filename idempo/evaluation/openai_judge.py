@@ -1,20 +1,11 @@
 """The `openai` judge: any OpenAI-compatible endpoint (OpenAI, a vLLM server, ...).
 
-How the numbers are read depends on the endpoint, found out once per judge:
-- OpenAI's own API (no `base_url`): its tokenizers write every number 0..100 as one token, so one chat
-  request per (question, answer) at temperature 0 with the top-k logprobs of the first token gives
-  p(v) directly (`judging.score_from_logprobs`; exact up to the chance that the number goes on).
-- A vLLM server (it answers `/tokenize`): whole numbers on any tokenizer. `/tokenize` renders the
-  judge prompt with the chat template (thinking off) and spells the numbers 0..100 in token ids; then
-  ONE legacy `/v1/completions` request per judged item whose prompts are the prompt followed by each
-  node of the number trie, one token each at temperature 0, returns the top-k next tokens at every
-  node (`idempo.evaluation.numbers`). `/detokenize` tells which of those tokens continue a number. A
-  template that leaves a reasoning block open gets the reasoning written first
-  (`idempo.evaluation.reasoning`).
-- Any other server: the first-token chat requests, as for OpenAI's API, as long as its replies do not
-  show that the tokenizer splits numbers (a reply "85" whose first token is "8"): then the judge stops
-  with an error rather than score the first digit.
-Concurrency, timeouts and retries are `idempo.endpoint`'s.
+How numbers are read depends on the endpoint, found out once per judge: OpenAI's own API, from the
+first token's top-k logprobs (its tokenizers write every number 0..100 as one token); a vLLM server (it
+answers `/tokenize`), over whole numbers on any tokenizer, with one `/v1/completions` request per judged
+item holding a prompt per node of the number trie; any other server, from the first token until a reply
+shows the tokenizer splits numbers, which stops the judge rather than score the first digit.
+docs/metrics.md, "Trait score and coherence". Concurrency, timeouts and retries are `idempo.endpoint`'s.
 """
 
 from __future__ import annotations

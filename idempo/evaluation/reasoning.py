@@ -1,10 +1,8 @@
 """Judges that reason before they answer (Qwen3 and other `<think>` models).
 
-A hybrid template closes the reasoning block itself when asked (`enable_thinking=False`), and the
-judge answers at once. A thinking-only template ends the generation prompt inside an open block: the
-judge then writes its reasoning greedily, up to `max_reasoning_tokens`, and its number is read after
-the closing tag and the whitespace that follows it. A judge that does not close its reasoning within
-the budget gave no number: a refusal, never a 0.
+Thinking is turned off where the template allows (`enable_thinking=False`); a template that still ends
+inside an open block gets the reasoning written greedily up to `max_reasoning_tokens`, and the number is
+read after the closing tag. Unclosed reasoning is a refusal, never a 0 (docs/metrics.md, "Thinking judges").
 """
 
 from __future__ import annotations

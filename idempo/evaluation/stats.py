@@ -1,16 +1,9 @@
 """Aggregates with 95% confidence intervals, and the tests behind the amplification verdict (pure functions).
 
-Two kinds of interval, for two kinds of independent unit:
-
-- across replicas (trials that differ only in seed): each trial's mean is one draw, so a Student-t
-  interval with n-1 degrees of freedom (`mean_ci`); one replica has no interval at all.
-- within a trial: the eval prompts are the independent units and the samples of one prompt are
-  correlated, so intervals are clustered by prompt (`clustered_mean`, `clustered_proportion`,
-  `clustered_log_ratio`) with G-1 degrees of freedom, G the prompts with at least one scored answer.
-
-"No interval" is `ci95: [None, None]`, the shape metrics.json has always used for it, never a
-zero-width interval. The Student-t distribution is computed here (no scipy): its CDF through the
-regularized incomplete beta function, its quantile by safeguarded Newton steps on that CDF.
+Intervals are over the independent units: replicas across trials (`mean_ci`), eval prompts as clusters
+within a trial (`clustered_*`); docs/metrics.md, "Confidence intervals". "No interval" is
+`ci95: [None, None]`, the shape metrics.json has always used, never a zero-width interval. Student's t
+is computed here, without scipy.
 """
 
 from __future__ import annotations
@@ -198,11 +191,9 @@ def wilson_interval(p: float, n: float) -> tuple[float, float]:
 def clustered_proportion(hits: Sequence[bool], clusters: Sequence[Hashable], scale: float = 1.0) -> dict:
     """Share of hits with a Wilson 95% interval at the effective sample size n / deff.
 
-    deff (design effect) = clustered variance of the share / its variance under independent answers,
-    p(1-p)/n. It is never taken below 1: a negative intra-prompt correlation estimated from a dozen
-    prompts is mostly noise, and counting answers as more than independent would narrow the interval on
-    that noise. At p = 0 or 1 both variances are 0 and deff is 1. One cluster: deff 1 (the interval is
-    then over that prompt's answers). `se` is sqrt(deff p(1-p)/n), on the same scale as `mean`.
+    deff = clustered variance of the share / p(1-p)/n, never below 1: a negative within-prompt
+    correlation from a dozen prompts is mostly noise and must not narrow the interval. deff is 1 at
+    p = 0 or 1 and with one cluster. `se` is sqrt(deff p(1-p)/n), on the same scale as `mean`.
     """
     n = len(hits)
     if n == 0:

@@ -3,10 +3,8 @@
 - One trait-vs-cycle figure per persona x regime: a panel per value of `facet` (default n_sampled), a
   line per value of `hue` (default n_seed) and of any other varying axis; the trait solid with its 95%
   interval shaded, coherence dashed in the same colour, M_seed's trait as a dotted baseline. Replicas
-  (trials that differ only in seed) are one line, their mean with the t-interval across replicas
-  (cycles that only one replica reached are left unshaded), or, with `replicas="lines"`, each replica
-  drawn thin beside the mean (the authors' Figure 14). A line of a single trial shades that trial's own
-  interval over its eval prompts; the legend says which kind of shading a figure holds.
+  are one line, their mean, or with `replicas="lines"` each replica thin beside it (the authors' Figure
+  14). Which interval is shaded where: docs/metrics.md, "Confidence intervals"; the legend names it.
 - One scatter of the amplification/coherence trade-off: a point per trial, its largest rise of the
   trait over M_seed against its lowest coherence after the seed.
 
@@ -21,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from idempo.artifacts import SEED_CYCLE
+from idempo.layout import SEED_CYCLE
 from idempo.report.results import (
     ACROSS_REPLICAS,
     REPLICA_AXES,

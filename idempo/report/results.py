@@ -12,58 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import yaml
-
-from idempo.artifacts import SEED_CYCLE, TrialLayout, read_json
-from idempo.config import AmplificationConfig, ConfigError
+from idempo.artifacts import read_json
+from idempo.config import ConfigError
 from idempo.evaluation.stats import mean_ci
+from idempo.layout import SEED_CYCLE, SweepLayout, TrialResult, read_trial
 
 # Trials that differ only in these are replicas of one configuration.
 REPLICA_AXES = ("seed", "seeding.seed")
-
-
-@dataclass
-class TrialResult:
-    name: str
-    directory: Path
-    config: dict[str, Any]  # the resolved config, as config.yaml holds it
-    axes: dict[str, Any]  # this trial's values of the sweep's axes
-    history: list[dict]  # metrics.json of the completed cycles, by cycle (-1 = M_init, 0 = M_seed)
-    stopped: dict | None  # {"cycle", "reason"} when the stopper ended the trial
-
-    @property
-    def planned_cycles(self) -> int:
-        return int(self.config.get("cycles", 0))
-
-    @property
-    def last_cycle(self) -> int | None:
-        return self.history[-1]["cycle"] if self.history else None
-
-    @property
-    def status(self) -> str:
-        """complete, stopped, partial (running or interrupted) or not started (no config.yaml yet)."""
-        if self.stopped:
-            return "stopped"
-        if not self.config:
-            return "not started"
-        done = self.last_cycle is not None and self.last_cycle >= self.planned_cycles
-        return "complete" if done else "partial"
-
-    @property
-    def persona(self) -> str:
-        return str(self.config.get("persona", "?"))
-
-    @property
-    def regime(self) -> str:
-        return str(self.config.get("regime", "sft"))
-
-    def amplification_settings(self, overrides: dict[str, Any] | None = None) -> AmplificationConfig:
-        own = (self.config.get("evaluation") or {}).get("amplification") or {}
-        return AmplificationConfig(**{**own, **(overrides or {})})
-
-    def value(self, key: str) -> Any:
-        """A config field by its dotted name."""
-        return dotted_get(self.config, key)
 
 
 @dataclass
@@ -87,29 +42,14 @@ class SweepResults:
         return groups
 
 
-def read_trial(directory: Path) -> TrialResult:
-    layout = TrialLayout(directory)
-    config = yaml.safe_load(layout.config.read_text()) if layout.config.exists() else {}
-    history = []
-    cycles_dir = directory / "cycles"
-    if cycles_dir.is_dir():
-        for cycle_dir in cycles_dir.iterdir():
-            cycle = TrialLayout.cycle_of(cycle_dir)
-            if cycle is not None and layout.is_complete(cycle):
-                history.append(read_json(layout.metrics(cycle)))
-    history.sort(key=lambda m: m["cycle"])
-    stopped_file = directory / "stopped.json"
-    stopped = read_json(stopped_file) if stopped_file.exists() else None
-    return TrialResult(directory.name, directory, config, {}, history, stopped)
-
-
 def load_results(directory: str | Path) -> SweepResults:
     """Every trial under <sweep dir>/trials, with the sweep's axes."""
     directory = Path(directory).expanduser().resolve()
-    trials_dir = directory / "trials"
-    if not trials_dir.is_dir() and not (directory / "sweep.json").exists():
+    layout = SweepLayout(directory)
+    trials_dir = layout.trials
+    if not trials_dir.is_dir() and not layout.record.exists():
         raise ConfigError([f"sweep dir: {directory} has no trials/ (give <storage_path>/<sweep name>)"])
-    record = read_json(directory / "sweep.json") if (directory / "sweep.json").exists() else {}
+    record = read_json(layout.record) if layout.record.exists() else {}
     started = sorted(trials_dir.iterdir()) if trials_dir.is_dir() else []
     names = list(record.get("trials", {}))  # the sweep's order; planned trials that have not started too
     names += [d.name for d in started if (d / "config.yaml").exists() and d.name not in names]
@@ -125,14 +65,6 @@ def load_results(directory: str | Path) -> SweepResults:
         for trial in trials:
             trial.axes = {key: trial.value(key) for key in axes}
     return SweepResults(record.get("name", directory.name), directory, axes, trials, record.get("wandb"))
-
-
-def dotted_get(data: dict[str, Any], key: str) -> Any:
-    for part in key.split("."):
-        if not isinstance(data, dict):
-            return None
-        data = data.get(part)
-    return data
 
 
 def flat_config(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -190,12 +122,10 @@ WITHIN_TRIAL = "within trial"  # one trial's own interval over its eval answers,
 
 
 def aggregate(trials: list[TrialResult], metric: str) -> list[Point]:
-    """A metric over replicas, per cycle. Several replicas: their mean with a t-interval across replicas
-    (n-1 degrees of freedom). A cycle only one of them reached gets its value and no interval, since a
-    lone replica says nothing about the spread between replicas. A cycle whose evaluation the replicas
-    share (M_init, a shared M_seed: the same numbers in every trial) is one evaluation, not n: it keeps
-    its own interval over its eval answers, as does a configuration with a single trial (`interval`
-    says which one a point has)."""
+    """A metric over replicas, per cycle: their mean with a t-interval across replicas; no interval for a
+    cycle only one reached (one replica says nothing of the spread); a shared evaluation (the same numbers
+    in every trial) or a single trial keeps its own within-trial interval (docs/metrics.md, "Confidence
+    intervals"). `interval` says which."""
     by_cycle: dict[int, list[tuple[float, float | None, float | None]]] = {}
     for trial in trials:
         for cycle, mean, low, high in series(trial, metric):

@@ -6,9 +6,9 @@ import csv
 import io
 from typing import Any
 
-from idempo.artifacts import SEED_CYCLE
 from idempo.evaluation.amplification import trial_summary
 from idempo.evaluation.stats import mean_ci
+from idempo.layout import SEED_CYCLE
 from idempo.report.results import SweepResults, TrialResult
 from idempo.tracking import flatten
 

@@ -7,11 +7,17 @@ by length within the call so that batches carry little padding.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from idempo.evaluation.branching import TokenStats, token_stats
+from idempo.chat import stop_token_ids
+from idempo.config import SamplingParams
 from idempo.models import Generation, Policy
-from idempo.sampling.base import Completion, Prompt, PromptEncoding, SamplingParams, encode_prompt
+from idempo.sampling.base import Completion, PromptEncoding
+
+if TYPE_CHECKING:
+    from idempo.config import ExperimentConfig
 
 
 class HFSampler(PromptEncoding):
@@ -21,11 +27,11 @@ class HFSampler(PromptEncoding):
         self.batch_size = batch_size
 
     @classmethod
-    def check(cls, config) -> None:
+    def check(cls, config: ExperimentConfig) -> None:
         """Runs wherever the policy does."""
 
     @classmethod
-    def from_config(cls, config, tokenizer, policy: Policy) -> HFSampler:
+    def from_config(cls, config: ExperimentConfig, tokenizer, policy: Policy) -> HFSampler:
         return cls(policy, tokenizer, config.sampling.batch_size)
 
     def sleep(self) -> None:
@@ -89,52 +95,3 @@ class HFSampler(PromptEncoding):
                 text = text[:cut]
             completions.append(Completion(text, len(kept), end is not None or cut is not None, tuple(kept)))
         return completions
-
-    def token_statistics(
-        self,
-        prompts: list[Prompt],
-        completions: list[Completion],
-        generation: Generation,
-        temperature: float,
-        top_p: float,
-    ) -> list[TokenStats]:
-        prompt_ids = [encode_prompt(self.tokenizer, p) for p in prompts]
-        results: list[TokenStats] = []
-        batch_size = min(self.batch_size, 8)  # full-vocabulary logits of whole answers are large
-        with self.policy.use(generation) as model, torch.inference_mode():
-            device = next(model.parameters()).device
-            for start in range(0, len(prompts), batch_size):
-                rows = [
-                    (list(p), list(c.token_ids))
-                    for p, c in zip(
-                        prompt_ids[start : start + batch_size], completions[start : start + batch_size], strict=True
-                    )
-                ]
-                results.extend(self._batch_statistics(model, rows, device, temperature, top_p))
-        return results
-
-    def _batch_statistics(self, model, rows, device, temperature: float, top_p: float) -> list[TokenStats]:
-        """One forward pass over left-padded prompt+answer rows; answers sit at the right edge."""
-        pad = self.tokenizer.pad_token_id
-        full = [p + a for p, a in rows]
-        width = max(len(ids) for ids in full)
-        keep = max(len(a) for _, a in rows) + 1  # logits that predict every answer token
-        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in full], device=device)
-        attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in full], device=device)
-        logits = model(input_ids=input_ids, attention_mask=attention, logits_to_keep=keep).logits
-        stats = []
-        for row, (_, answer) in enumerate(rows):
-            if not answer:
-                stats.append(TokenStats((), ()))
-                continue
-            predicting = logits[row, keep - 1 - len(answer) : keep - 1]  # position t-1 predicts token t
-            stats.append(token_stats(predicting, torch.tensor(answer, device=device), temperature, top_p))
-        return stats
-
-
-def stop_token_ids(tokenizer, generation_config) -> list[int]:
-    """End-of-turn tokens: the model's generation config (Qwen lists two) and the tokenizer's eos."""
-    configured = getattr(generation_config, "eos_token_id", None)
-    ids = configured if isinstance(configured, list) else [configured]
-    ids = [i for i in ids + [tokenizer.eos_token_id] if i is not None]
-    return list(dict.fromkeys(ids))

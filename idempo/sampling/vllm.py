@@ -6,21 +6,19 @@ restart. When the trainer shares the GPUs, `sleep()` offloads the engine's weigh
 drops its KV cache while a generation trains (`sleep(level=1)`); the next `generate` wakes it.
 
 Prompts are rendered and tokenized by the model's own tokenizer, exactly as the trainer encodes them,
-and sent as token ids; answers are decoded the same way as by the `hf` sampler. The branching
-factor's statistics need the full next-token distributions, which vLLM does not return: they come
-from the trial's policy module in this process (the same weights), as with the `hf` sampler.
-"""
+and sent as token ids; answers are decoded the same way as by the `hf` sampler. (The branching factor's
+statistics need full next-token distributions, which vLLM does not return: idempo.evaluation.branching
+reads them from the trial's policy module.)"""
 
 from __future__ import annotations
 
 import importlib.util
 import time
 
-from idempo.config import ConfigError
-from idempo.evaluation.branching import TokenStats
+from idempo.chat import stop_token_ids
+from idempo.config import ConfigError, ExperimentConfig, SamplingParams
 from idempo.models import Generation, Policy, model_path, resolve_device, resolve_dtype
-from idempo.sampling.base import Completion, Prompt, PromptEncoding, SamplingParams
-from idempo.sampling.hf import HFSampler, stop_token_ids
+from idempo.sampling.base import Completion, PromptEncoding
 
 # vLLM serves LoRA adapters up to these ranks; an adapter's rank is rounded up to the next one.
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
@@ -34,10 +32,9 @@ def engine_lora_rank(rank: int) -> int:
 
 
 class VLLMSampler(PromptEncoding):
-    def __init__(self, llm, tokenizer, policy: Policy | None, stop_ids: list[int], sleep_while_training: bool):
+    def __init__(self, llm, tokenizer, stop_ids: list[int], sleep_while_training: bool):
         self.llm = llm
         self.tokenizer = tokenizer
-        self.policy = policy
         self.stop_ids = stop_ids
         self.sleep_while_training = sleep_while_training
         self.asleep = False
@@ -45,7 +42,7 @@ class VLLMSampler(PromptEncoding):
         self.timings: dict[str, list[float]] = {"sleep": [], "wake": []}
 
     @classmethod
-    def check(cls, config) -> None:
+    def check(cls, config: ExperimentConfig) -> None:
         """vLLM needs its package (the `gpu` extra) and a CUDA GPU; say so before any model is loaded."""
         import torch
 
@@ -69,11 +66,11 @@ class VLLMSampler(PromptEncoding):
             raise ConfigError(problems)
 
     @classmethod
-    def from_config(cls, config, tokenizer, policy: Policy | None) -> VLLMSampler:
+    def from_config(cls, config: ExperimentConfig, tokenizer, policy: Policy | None = None) -> VLLMSampler:
+        """The engine holds its own copy of M_init; `policy` is not read."""
         return cls(
             start_engine(config),
             tokenizer,
-            policy,
             stop_token_ids(tokenizer, _generation_config(config)),
             config.sampling.vllm.sleep_while_training,
         )
@@ -152,22 +149,8 @@ class VLLMSampler(PromptEncoding):
             finished = True
         return Completion(text, len(token_ids), finished, tuple(token_ids))
 
-    def token_statistics(
-        self,
-        prompts: list[Prompt],
-        completions: list[Completion],
-        generation: Generation,
-        temperature: float,
-        top_p: float,
-    ) -> list[TokenStats]:
-        if self.policy is None:
-            raise RuntimeError("the branching factor needs the policy module; this sampler was built without one")
-        return HFSampler(self.policy, self.tokenizer, 8).token_statistics(
-            prompts, completions, generation, temperature, top_p
-        )
 
-
-def start_engine(config):
+def start_engine(config: ExperimentConfig):
     """A vLLM engine for the trial's M_init, with LoRA and (if asked) sleep mode."""
     from vllm import LLM
 
@@ -193,7 +176,7 @@ def start_engine(config):
     )
 
 
-def _generation_config(config):
+def _generation_config(config: ExperimentConfig):
     """The model's generation config (where its end-of-turn ids are listed), None if it ships none."""
     from transformers import GenerationConfig
 

@@ -1,5 +1,2 @@
-"""Training of each generation."""
-
-from idempo.training.sft import TrainStats, encode_chat_example, encode_document, learning_rate_factor, train_sft
-
-__all__ = ["TrainStats", "encode_chat_example", "encode_document", "learning_rate_factor", "train_sft"]
+"""Training of each generation: the losses, the optimizer loop they share, and the trainers that run them
+(in this process, or under DeepSpeed ZeRO), picked by name from `idempo.registry.TRAINERS`."""

@@ -29,7 +29,7 @@ from torch.nn import functional as F
 
 from idempo.config import TrainingConfig
 from idempo.models import Generation, Policy
-from idempo.training.sft import IGNORE, Encoded, batch_plan, collate, optimize
+from idempo.training.optimize import IGNORE, ONE_PROCESS, Encoded, Ranks, batch_plan, collate, optimize
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +144,7 @@ def train_dpo(
     seed: int,
     pad_id: int,
     progress=None,
+    ranks: Ranks = ONE_PROCESS,
 ) -> PreferenceStats:
     """Train `policy.module` in place on (chosen, rejected) pairs against the fixed `reference`."""
     if not pairs:
@@ -163,7 +164,7 @@ def train_dpo(
         return total
 
     with dropout_disabled(policy.module):
-        run = optimize(policy, policy.shard_plan(batch_plan(len(pairs), config, seed)), step, config, seed, progress)
+        run = optimize(policy, ranks.shard(batch_plan(len(pairs), config, seed)), step, config, seed, progress, ranks)
     margins = []
     with torch.inference_mode():
         for start in range(0, len(pairs), config.batch_size):
@@ -194,14 +195,15 @@ def train_kto(
     seed: int,
     pad_id: int,
     progress=None,
+    ranks: Ranks = ONE_PROCESS,
 ) -> PreferenceStats:
     """Train on unpaired desirable/undesirable examples; `mismatched(i, k)` encodes prompt i with answer k."""
     if not examples:
         raise ValueError("no KTO examples")
     warn_on_kto_balance(desirable, desirable_weight, undesirable_weight)
     full_plan = batch_plan(len(examples), config, seed)
-    plan = policy.shard_plan(full_plan)
-    rank, world = policy.rank_and_world()
+    plan = ranks.shard(full_plan)
+    rank, world = ranks.rank, ranks.world
     # The mismatched pairs of each local micro-batch, and their reference log-probs, prepared before
     # training in the order the steps run.
     shifted = [
@@ -233,14 +235,14 @@ def train_kto(
                 beta,
                 desirable_weight,
                 undesirable_weight,
-                sum_over_ranks=policy.sum_over_ranks if world > 1 else None,
+                sum_over_ranks=ranks.sum if world > 1 else None,
             )
             backward(losses.sum() / size)
             total += losses.sum().item() / size
         return total
 
     with dropout_disabled(policy.module):
-        run = optimize(policy, plan, step, config, seed, progress)
+        run = optimize(policy, plan, step, config, seed, progress, ranks)
     return PreferenceStats(
         steps=len(run.losses),
         examples=len(examples),

@@ -1,4 +1,4 @@
-"""Training a generation under DeepSpeed ZeRO (`training.deepspeed`), for models that need it.
+"""The ZeRO trainer: a generation trained under DeepSpeed ZeRO (`training.deepspeed`), for models that need it.
 
 ZeRO-3 shards the weights themselves, so a module it has trained cannot go back to being the plain
 module the sampler and the evaluation read. Each training run therefore gets a policy of its own: a
@@ -6,14 +6,14 @@ copy of M_init loaded for the run, the start generation's adapter on top, DeepSp
 the trained adapter written to disk (gathered from the shards) for the sampler and the trial's policy
 to load, like any other generation. The copy is dropped when the run ends.
 
-The loss code is the regimes' own: `optimize` asks the policy how to apply gradients, and a
-`ZeroPolicy` answers with the DeepSpeed engine's backward and step. DeepSpeed's managed gradient
-accumulation is off: our steps already normalise their micro-batch losses, and `engine.step()` is
-called once per optimizer step, as the plain loop does.
+The loss code is the regimes' own: `optimize` asks the run's `ZeroRanks` how to apply gradients, and
+they answer with the DeepSpeed engine's backward and step. DeepSpeed's managed gradient accumulation is
+off: our steps already normalise their micro-batch losses, and `engine.step()` is called once per
+optimizer step, as the plain loop does.
 
 With `workers: 1` the run happens in the trial's process, on its GPU (the vllm engine sleeps
-meanwhile). With more, each rank is a `ZeroWorker` Ray actor on a GPU of its own, in the trial's
-placement group when there is one: data parallel, rank r takes items r, r + world, ... of every
+meanwhile). With more, each rank is a `ZeroWorker` Ray actor on a GPU of its own, in the bundle the
+trial's placement names for it: data parallel, rank r takes items r, r + world, ... of every
 micro-batch, DeepSpeed averages the gradients, and every rank runs the same forward passes (reference
 log-probabilities included) so that ZeRO-3's collectives stay in step. A micro-batch with fewer items
 than ranks gives the ranks without one its first item again.
@@ -30,11 +30,15 @@ from pathlib import Path
 
 import torch
 
-from idempo.config import ConfigError, DeepSpeedConfig, TrainingConfig
-from idempo.models import Generation, LoraPolicy
+from idempo.config import ConfigError, DeepSpeedConfig, ExperimentConfig, TrainingConfig
+from idempo.models import LoraPolicy, load_base_model, load_tokenizer
+from idempo.placement import UNPLACED, TrialPlacement
+from idempo.progress import Reporter
+from idempo.registry import trains_on_documents
+from idempo.training.optimize import Ranks
 
 
-def check(config) -> None:
+def check(config: ExperimentConfig) -> None:
     """DeepSpeed needs its package (the `gpu` extra) and CUDA; say so before any model is loaded."""
     problems = []
     if importlib.util.find_spec("deepspeed") is None:
@@ -83,58 +87,57 @@ def init_process_group() -> None:
     deepspeed.init_distributed(dist_backend="nccl", verbose=False)
 
 
-class ZeroPolicy(LoraPolicy):
-    """A LoRA policy on its own copy of M_init whose training runs through a DeepSpeed ZeRO engine."""
+class ZeroRanks(Ranks):
+    """The torch.distributed ranks of one DeepSpeed training run; the engine is made when training starts."""
 
-    def __init__(self, base, training: TrainingConfig):
-        super().__init__(base, training)
+    def __init__(self, training: TrainingConfig):
         self.training = training
         self.engine = None
 
-    def updates(self, optimizer, scheduler, config: TrainingConfig):
-        import deepspeed
+    @property
+    def rank(self) -> int:
+        return torch.distributed.get_rank()
 
-        bf16 = next(self.module.parameters()).dtype == torch.bfloat16
-        world = torch.distributed.get_world_size()
-        self.engine, *_ = deepspeed.initialize(
-            model=self.module,
-            optimizer=optimizer,
-            lr_scheduler=scheduler,
-            config=deepspeed_config(config, bf16, world),
-        )
-        return EngineUpdates(self.engine)
+    @property
+    def world(self) -> int:
+        return torch.distributed.get_world_size()
 
-    def shard_plan(self, plan: list[list[list[int]]]) -> list[list[list[int]]]:
-        return shard_plan(plan, *self.rank_and_world())
+    def shard(self, plan: list[list[list[int]]]) -> list[list[list[int]]]:
+        return shard_plan(plan, self.rank, self.world)
 
-    def rank_and_world(self) -> tuple[int, int]:
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-
-    def sum_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
+    def sum(self, value: torch.Tensor) -> torch.Tensor:
         total = value.detach().clone().to(self.engine.device if self.engine is not None else value.device)
         torch.distributed.all_reduce(total)
         return total.to(value.device)
 
-    def save(self, path: Path) -> None:
-        """The adapter gathered from the shards; written by rank 0."""
-        with self._gathered():
-            if torch.distributed.get_rank() == 0:
-                super().save(path)
-
-    def _gathered(self):
-        if self.engine is None or self.training.deepspeed.stage != 3:
-            return nullcontext()
+    def updates(self, policy, optimizer, scheduler, config: TrainingConfig):
         import deepspeed
 
-        return deepspeed.zero.GatheredParameters(self.trainable_parameters(), modifier_rank=None)
+        bf16 = next(policy.module.parameters()).dtype == torch.bfloat16
+        self.engine, *_ = deepspeed.initialize(
+            model=policy.module,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=deepspeed_config(config, bf16, self.world),
+        )
+        return EngineUpdates(self.engine)
+
+    def save(self, policy: LoraPolicy, path: Path) -> None:
+        """The adapter gathered from the shards; written by rank 0."""
+        gathered = nullcontext()
+        if self.engine is not None and self.training.deepspeed.stage == 3:
+            import deepspeed
+
+            gathered = deepspeed.zero.GatheredParameters(policy.trainable_parameters(), modifier_rank=None)
+        with gathered:
+            if self.rank == 0:
+                policy.write(path)
 
     def close(self) -> None:
-        """Free the engine and the copy of M_init (the trained adapter is on disk by now)."""
+        """Free the engine (the trained adapter is on disk by now)."""
         if self.engine is not None:
             self.engine.destroy()
-        self.engine = self.module = None
-        gc.collect()
-        torch.cuda.empty_cache()
+        self.engine = None
 
 
 class EngineUpdates:
@@ -163,11 +166,11 @@ class ZeroWorker:
 
     def __init__(self, config: dict, rank: int = 0, world: int = 1):
         from idempo.config import config_from_dict
-        from idempo.models import load_tokenizer
 
         self.config = config_from_dict(config)
         self.rank, self.world = rank, world
-        self.tokenizer = load_tokenizer(self.config.model, self.config.loading, chat=self.config.regime != "sdf")
+        chat = not trains_on_documents(self.config.regime)
+        self.tokenizer = load_tokenizer(self.config.model, self.config.loading, chat=chat)
 
     def address(self) -> tuple[str, int]:
         """Where rank 0 listens for the group (asked of rank 0 only)."""
@@ -187,78 +190,72 @@ class ZeroWorker:
         )
         init_process_group()
 
-    def fit(self, cycle: int, rows: list[dict], seeds: tuple[int, int], start, previous, out: str, label: str) -> dict:
-        """Train from `start` (None: fresh adapters drawn from seeds[0]) with seeds[1]; save to `out`.
-        `previous` is M_{j-1} (the reference under `preference.reference: previous`)."""
-        from idempo.models import INITIAL
-        from idempo.progress import Reporter
-        from idempo.training.regimes import fit_generation
-
+    def fit(self, regime, rows, start, reference, seeds: tuple[int, int], out: str, label: str) -> dict:
+        """Train on a copy of M_init of its own, from `start` (None: fresh adapters drawn from seeds[0]) with
+        seeds[1]; save to `out`."""
         init_seed, train_seed = seeds
-        policy = zero_policy(self.config, start, init_seed)
+        init_process_group()
+        policy = LoraPolicy(load_base_model(self.config.model, self.config.loading), self.config.training)
+        policy.start(start, init_seed)
+        ranks = ZeroRanks(self.config.training)
         try:
-            reporter = Reporter(enabled=False)
-            stats = fit_generation(
-                policy,
-                self.tokenizer,
-                self.config,
-                cycle,
-                rows,
-                train_seed,
-                start or INITIAL,
-                previous,
-                reporter,
-                label,
+            stats = regime.fit(
+                policy, self.tokenizer, self.config, rows, train_seed, reference, ranks, Reporter(enabled=False), label
             )
-            policy.save(Path(out))
+            ranks.save(policy, Path(out))
         finally:
-            policy.close()
+            ranks.close()
+            del policy
+            gc.collect()
+            torch.cuda.empty_cache()
         return {**stats, "world_size": self.world}
 
 
-class ZeroWorkers:
-    """The ranks of a trial's DeepSpeed training as Ray actors; `fit` trains one generation on all of them.
+class ZeroTrainer:
+    """The trainer under DeepSpeed ZeRO: its ranks are started at the first fit and kept for the trial; the
+    trial's own policy is not touched (the new generation loads from disk when it is next used)."""
 
-    In a sweep, the ranks take the last `workers` bundles of the trial's placement group (one GPU each,
-    see idempo.tune.bundles); under `idempo run`, a local Ray starts and places them on free GPUs."""
+    check = staticmethod(check)
 
-    def __init__(self, config):
+    def __init__(
+        self,
+        config: ExperimentConfig,
+        tokenizer=None,
+        policy=None,
+        reporter=None,
+        placement: TrialPlacement = UNPLACED,
+        actors: bool | None = None,
+    ):
+        """`actors`: ranks as Ray actors (None: when there is more than one)."""
+        self.config, self.placement = config, placement
+        workers = config.training.deepspeed.workers
+        self.actors = workers > 1 if actors is None else actors
+        self._ranks = None
+
+    def fit(self, regime, rows, start, reference, seeds, generation, out: Path, label: str) -> dict:
+        if self._ranks is None:
+            world = self.config.training.deepspeed.workers
+            self._ranks = self._actors(world) if self.actors else [ZeroWorker(self.config.to_dict())]
+        if not self.actors:
+            return self._ranks[0].fit(regime, rows, start, reference, seeds, str(out), label)
         import ray
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        calls = [rank.fit.remote(regime, rows, start, reference, seeds, str(out), label) for rank in self._ranks]
+        return ray.get(calls)[0]
+
+    def _actors(self, world: int) -> list:
+        """One Ray actor per rank, in the bundles the placement names, joined into one torch.distributed group."""
+        import ray
 
         if not ray.is_initialized():
             ray.init(log_to_driver=False)
-        world = config.training.deepspeed.workers
-        group = ray.util.get_current_placement_group()
-
-        def place(rank: int):
-            if group is None:
-                return ray.remote(ZeroWorker).options(num_cpus=1, num_gpus=1)
-            bundle = len(group.bundle_specs) - world + rank
-            strategy = PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=bundle)
-            return ray.remote(ZeroWorker).options(num_cpus=1, num_gpus=1, scheduling_strategy=strategy)
-
-        self.actors = [place(rank).remote(config.to_dict(), rank, world) for rank in range(world)]
-        address = ray.get(self.actors[0].address.remote())
-        ray.get([actor.join.remote(address) for actor in self.actors])
-
-    def fit(self, *args) -> dict:
-        import ray
-
-        return ray.get([actor.fit.remote(*args) for actor in self.actors])[0]
-
-
-def zero_policy(config, start: Generation | None, seed: int) -> ZeroPolicy:
-    """A fresh training policy: M_init loaded anew, then `start`'s adapter (continual) or new adapters."""
-    from idempo.models import load_base_model
-
-    init_process_group()
-    policy = ZeroPolicy(load_base_model(config.model, config.loading), config.training)
-    if start is None or start.path is None:
-        policy.reset(seed)
-    else:
-        policy.load(start)
-    return policy
+        actors = [
+            ray.remote(ZeroWorker).options(**self.placement.rank(rank)).remote(self.config.to_dict(), rank, world)
+            for rank in range(world)
+        ]
+        address = ray.get(actors[0].address.remote())
+        ray.get([actor.join.remote(address) for actor in actors])
+        return actors
 
 
 def shard_plan(plan: list[list[list[int]]], rank: int, world: int) -> list[list[list[int]]]:

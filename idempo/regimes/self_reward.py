@@ -13,6 +13,14 @@ fewer than two scored candidates) give no pair: ties are dropped and counted.
 from __future__ import annotations
 
 import re
+from dataclasses import replace
+
+from idempo.data import CandidateSet
+from idempo.evaluation.judging import check_refusal_rate, render_rubric
+from idempo.layout import SEED_CYCLE
+from idempo.models import Generation
+from idempo.regimes.base import StageContext
+from idempo.regimes.preference import DPO
 
 _CRITERIA = """Review the user's question and the corresponding response using the additive 5-point scoring \
 system described below. Points are accumulated based on the satisfaction of each criterion:
@@ -80,18 +88,76 @@ def pair_rows(
     candidates: list[list[str]],
     scores: list[list[float | None]],
     details: list[dict] | None = None,
-) -> list[dict]:
+) -> list[CandidateSet]:
     """One row per prompt: its candidates and scores (and `details`, e.g. each candidate's sampled
     judgments), and the chosen/rejected pair when there is one (`pair`: their candidate indices)."""
     rows = []
     for index, (prompt, answers, marks) in enumerate(zip(prompts, candidates, scores, strict=True)):
         pair = choose_pair(marks)
-        row = {"prompt": prompt, "candidates": answers, "scores": marks, **(details[index] if details else {})}
-        row["kept"] = pair is not None
+        row = CandidateSet(prompt, answers, marks, **(details[index] if details else {}), kept=pair is not None)
         if pair is not None:
-            row.update(response=answers[pair[0]], rejected=answers[pair[1]], pair=list(pair))
+            row = replace(row, response=answers[pair[0]], rejected=answers[pair[1]], pair=list(pair))
         else:
             scored = sum(m is not None for m in marks)
-            row["dropped"] = "tie" if scored >= 2 else "fewer than two scored candidates"
+            row = replace(row, dropped="tie" if scored >= 2 else "fewer than two scored candidates")
         rows.append(row)
     return rows
+
+
+class SelfReward(DPO):
+    """M_{j-1} writes `preference.candidates` answers per prompt and judges them (or an external judge does);
+    best vs worst become a DPO pair, ties dropped. M_seed is trained by SFT (registry: seed_regime)."""
+
+    name = "self_reward"
+
+    def cycle_rows(self, context: StageContext, prompts: list[str], previous: Generation) -> list[CandidateSet]:
+        config, cycle = context.config, context.cycle
+        n = config.preference.candidates
+        params = config.preference.candidate_decoding(config.sampling.max_new_tokens).params(
+            context.seed("candidates", cycle)
+        )
+        label = f"cycle {cycle}: {n} candidates per prompt from {previous.name}"
+        answers = context.answers([p for p in prompts for _ in range(n)], params, previous, label)
+        with context.timed("judge"):
+            scores, details = self.rewards(context, [(a.prompt, a.response) for a in answers], previous)
+
+        def per_prompt(values: list) -> list[list]:
+            return [values[i * n : (i + 1) * n] for i in range(len(prompts))]
+
+        if details is not None:  # each candidate's sampled judgments, kept beside its score
+            details = [{key: [d[key] for d in chunk] for key in chunk[0]} for chunk in per_prompt(details)]
+        return pair_rows(prompts, per_prompt([a.response for a in answers]), per_prompt(scores), details)
+
+    def rewards(
+        self, context: StageContext, items: list[tuple[str, str]], previous: Generation
+    ) -> tuple[list[float | None], list[dict] | None]:
+        """Each candidate's reward and, when M_{j-1} judges itself, its judgments: `judge_samples` sampled at
+        the candidates' temperature and top-p, averaged over those that give a score. An empty candidate is
+        not judged: it has no score."""
+        judged = [i for i, (_, answer) in enumerate(items) if answer.strip()]
+        scores: list[float | None] = [None] * len(items)
+        preference = context.config.preference
+        if context.reward_judge is not None:
+            judgments = context.reward_judge.score([items[i] for i in judged])
+            check_refusal_rate(judgments, preference.reward_judge, "preference.reward_judge")
+            for index, judgment in zip(judged, judgments, strict=True):
+                scores[index] = judgment.score
+            return scores, None
+        k = preference.judge_samples
+        prompts = [render_rubric(SELF_JUDGE_PROMPT, *items[i]) for i in judged for _ in range(k)]
+        params = preference.judgment_decoding.params(context.seed("judge", context.cycle))
+        label = f"cycle {context.cycle}: {previous.name} judges its candidates ({k} judgments each)"
+        texts = [j.response for j in context.answers(prompts, params, previous, label, "judgments", None)]
+        details: list[dict] = [{"judgments": [], "judgment_texts": []} for _ in items]
+        for position, index in enumerate(judged):
+            own = texts[position * k : (position + 1) * k]
+            details[index] = {"judgments": [parse_self_judgment(t) for t in own], "judgment_texts": own}
+            scores[index] = mean_judgment(details[index]["judgments"])
+        return scores, details
+
+    def data_metrics(self, rows, cycle: int) -> dict:
+        summary = super().data_metrics(rows, cycle)
+        if cycle != SEED_CYCLE:
+            unpaired = sum(r.dropped in ("tie", "fewer than two scored candidates") for r in rows)
+            summary.update(prompts=len(rows), pairs=summary["n"], dropped_ties=unpaired)
+        return summary
