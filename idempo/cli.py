@@ -20,27 +20,20 @@ def main(argv: list[str] | None = None) -> int:
     run = commands.add_parser("run", help="run (or resume) one trial")
     run.add_argument("config", type=Path, help="experiment config (YAML)")
     run.add_argument("--out", type=Path, help="trial dir (default: runs/<config name>)")
-    run.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set training.learning_rate=3e-4 (value parsed as YAML)",
-    )
+    _overrides(run)
     run.add_argument("--until-cycle", type=int, metavar="N", help="stop after cycle N; run again to continue")
     run.add_argument("--quiet", action="store_true", help="no progress bars or cycle lines")
 
     show = commands.add_parser("config", help="validate a config and print it resolved, with defaults")
     show.add_argument("config", type=Path, nargs="?", help="experiment config (YAML)")
     show.add_argument("--explain", action="store_true", help="describe every field of configs and sweep files")
-    show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _overrides(show)
 
     evaluate = commands.add_parser("eval", help="score a saved generation (or M_init) again")
     evaluate.add_argument("config", type=Path, help="experiment config (YAML): model, persona, evaluation")
     evaluate.add_argument("--adapter", type=Path, help="the generation's weights dir (default: M_init)")
     evaluate.add_argument("--out", type=Path, help="where eval.jsonl and metrics.json go (default: next to --adapter)")
-    evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _overrides(evaluate)
     evaluate.add_argument("--quiet", action="store_true")
 
     calibrate = commands.add_parser("calibrate", help="binary-search the n_seed at which M_seed reaches a trait score")
@@ -51,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     calibrate.add_argument("--tolerance", type=float, default=5.0, help="stop when a probe is this close")
     calibrate.add_argument("--max-probes", type=int, default=8)
     calibrate.add_argument("--out", type=Path, help="probe trials go here (default: runs/calibrate-<config name>)")
-    calibrate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _overrides(calibrate)
     calibrate.add_argument("--quiet", action="store_true")
 
     sweep = commands.add_parser("sweep", help="run a grid of trials on Ray Tune (a local Ray starts by itself)")
@@ -143,6 +136,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def _overrides(command) -> None:
+    help = "override a config key, e.g. --set training.learning_rate=3e-4 (value parsed as YAML)"
+    command.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help)
 
 
 def _reporting_errors(handler, args) -> int:

@@ -122,19 +122,19 @@ class Trial:
             yield self.stage(cycle)
 
     def stage(self, cycle: int) -> CycleMetrics:
-        if self.layout.is_complete(cycle):
-            metrics = self.records.read_json(self.layout.metrics(cycle))
-            self.reporter.cycle(metrics, resumed=True)
-            return CycleMetrics.from_json(metrics)
-        produce = {INIT_CYCLE: self._evaluate_initial, SEED_CYCLE: self._seed_stage}.get(cycle, self._cycle)
-        if self.shared is None or not self.shared.covers(cycle):
-            produce(cycle, None)
-        else:  # a stage several trials share: from the sweep's store when it has it, else run here
-            self.shared.run(
-                cycle, self.config, self.layout, lambda note: produce(cycle, note), self.reporter.note, self.records
-            )
+        done = self.layout.is_complete(cycle)
+        if not done:
+            produce = {INIT_CYCLE: self._evaluate_initial, SEED_CYCLE: self._seed_stage}.get(cycle, self._cycle)
+            if self.shared is None or not self.shared.covers(cycle):
+                produce(cycle, None)
+            else:  # a stage several trials share: from the sweep's store when it has it, else run here
+                self.shared.run(
+                    cycle, self.config, self.layout, lambda n: produce(cycle, n), self.reporter.note, self.records
+                )
         metrics = self.records.read_json(self.layout.metrics(cycle))
-        if (metrics.get("shared") or {}).get("reused"):
+        if done:
+            self.reporter.cycle(metrics, resumed=True)
+        elif (metrics.get("shared") or {}).get("reused"):
             self.reporter.note(f"{summary_line(metrics)}  (shared: run by {metrics['shared']['origin']})")
         return CycleMetrics.from_json(metrics)
 

@@ -29,7 +29,10 @@ def flushed(directory: Path, identity: str) -> Path:
     may still be writing when `finish` returns."""
     deadline = time.monotonic() + 60
     for run_file in directory.glob(f"wandb/offline-run-*-{identity}*/run-{identity}.wandb"):
-        while wandb_records(run_file)[-1].WhichOneof("record_type") != "exit" and time.monotonic() < deadline:
+        while time.monotonic() < deadline:  # a file W&B has only just opened holds no record yet
+            records = wandb_records(run_file)
+            if records and records[-1].WhichOneof("record_type") == "exit":
+                break
             time.sleep(0.5)
     return directory
 
@@ -67,7 +70,6 @@ def test_an_offline_run_already_synced_is_kept_and_not_logged_again(tmp_path):
     again.finish({"cycles_done": 1})
     dirs = sorted((tmp_path / "wandb").glob(f"offline-run-*-{identity}*"))
     assert len(dirs) == 2 and synced in dirs
-    run = wandb_run(
-        flushed(tmp_path, identity), identity
-    )  # both dirs, in order: what `wandb sync` uploads into the one run
+    # both dirs, in order: what `wandb sync` uploads into the one run
+    run = wandb_run(flushed(tmp_path, identity), identity)
     assert [row["cycle"] for row in run["history"]] == [-1, 0, 1]
