@@ -33,7 +33,7 @@ import time
 import traceback
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -42,29 +42,38 @@ SECTIONS = ("sampling", "swap", "sleep", "training", "cycle")
 VLLM_SECTIONS = ("swap", "sleep")  # they measure the vllm engine itself
 
 
+def _option(default, help: str, flag: str | None = None):
+    """A setting that is also a command-line option (`idempo bench --<name>`)."""
+    return field(default=default, metadata={"help": help, "flag": flag})
+
+
 @dataclass(frozen=True)
 class BenchSettings:
     """What to measure; the defaults are a GPU machine's (CPU_DEFAULTS replaces some without CUDA)."""
 
-    models: tuple[str, ...] = ("qwen3-4b",)  # shape names from tiny.SHAPES, local dirs, hub ids, named models
-    backends: tuple[str, ...] = ("hf", "vllm")
-    batch_sizes: tuple[int, ...] = (32, 128)
-    prompt_tokens: int = 64
-    new_tokens: int = 256
-    lora_rank: int = 16
-    train_batch: int = 8
-    train_seq_len: int = 512
-    train_steps: int = 8
-    zero_stage: int | None = 3
-    gradient_checkpointing: bool = True  # GPU memory for compute; on CPU memory is not what limits
-    cycle_seed: int = 64  # n_seed of the cycle's trial
-    cycle_sampled: int = 128  # n_sampled
-    cycle_new_tokens: int = 256  # per answer, sampled and evaluated
-    cycle_eval_prompts: int = 12  # held-out questions each generation answers
-    gpu_memory_utilization: float = 0.45
-    enforce_eager: bool = False
-    sections: tuple[str, ...] = SECTIONS
-    out: Path = Path("bench.json")
+    models: tuple[str, ...] = _option(
+        ("qwen3-4b",),
+        "a shape with random weights (qwen3-0.6b, qwen3-4b), a dir, a hub id, a named model or tiny; repeat",
+        "--model",
+    )
+    backends: tuple[str, ...] = _option(("hf", "vllm"), "sampler backends to compare")
+    batch_sizes: tuple[int, ...] = _option((32, 128), "prompts per generate call")
+    prompt_tokens: int = _option(64, "tokens of each random prompt")
+    new_tokens: int = _option(256, "tokens sampled per prompt")
+    lora_rank: int = _option(16, "rank of the adapters sampled from and trained")
+    train_batch: int = _option(8, "sequences per training step")
+    train_seq_len: int = _option(512, "tokens per training sequence")
+    train_steps: int = _option(8, "training steps measured")
+    zero_stage: int | None = _option(3, "also train under DeepSpeed ZeRO at this stage (2, 3; none: not)")
+    gradient_checkpointing: bool = _option(True, "recompute activations in the backward pass")
+    cycle_seed: int = _option(64, "n_seed of the cycle's trial")
+    cycle_sampled: int = _option(128, "its n_sampled")
+    cycle_new_tokens: int = _option(256, "its answers' length, sampled and evaluated")
+    cycle_eval_prompts: int = _option(12, "held-out questions each generation answers")
+    gpu_memory_utilization: float = _option(0.45, "the vllm engine's share of GPU memory")
+    enforce_eager: bool = _option(False, "vllm without CUDA graphs (faster start)")
+    sections: tuple[str, ...] = _option(SECTIONS, f"sections to run, of {','.join(SECTIONS)}")
+    out: Path = _option(Path("bench.json"), "results as JSON")
 
 
 # Without CUDA: the tiny model and a real 135M one, small enough that the whole run takes minutes on 2 cores
@@ -84,10 +93,55 @@ CPU_DEFAULTS = {
 }
 
 
-def settings_for_this_machine(**given) -> BenchSettings:
-    """The settings `given` (None: not given) over this machine's defaults: a GPU's with CUDA, CPU_DEFAULTS without."""
-    defaults = {} if torch.cuda.is_available() else CPU_DEFAULTS
-    return BenchSettings(**{**defaults, **{key: value for key, value in given.items() if value is not None}})
+def add_options(parser) -> None:
+    """One command-line option per setting; one not given takes this machine's default."""
+    import argparse
+
+    def shown(value) -> str:
+        return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+    for setting in fields(BenchSettings):
+        gpu, cpu = shown(setting.default), shown(CPU_DEFAULTS.get(setting.name, setting.default))
+        default = f"default: {gpu}" + (f" with CUDA, {cpu} without" if cpu != gpu else "")
+        kind = {"action": argparse.BooleanOptionalAction} if setting.type == "bool" else {}
+        if setting.metadata["flag"]:  # repeated rather than comma-separated
+            kind = {"action": "append"}
+        flag = setting.metadata["flag"] or "--" + setting.name.replace("_", "-")
+        parser.add_argument(flag, dest=setting.name, help=f"{setting.metadata['help']} ({default})", **kind)
+
+
+def settings_from(options) -> BenchSettings:
+    """The settings given on the command line (lists comma-separated, `--zero-stage none`) over this machine's
+    defaults: a GPU's with CUDA, CPU_DEFAULTS without."""
+    from idempo.config import ConfigError
+
+    settings = {} if torch.cuda.is_available() else dict(CPU_DEFAULTS)
+    for setting in fields(BenchSettings):
+        value = getattr(options, setting.name)
+        try:
+            if value is not None:
+                settings[setting.name] = _parsed(setting, value)
+        except ValueError:
+            flag = setting.name.replace("_", "-")
+            raise ConfigError([f"--{flag}: got {value!r}; {setting.metadata['help']}"]) from None
+    sections = settings.get("sections", SECTIONS)
+    problems = [f"--sections: unknown {s!r}; allowed: {', '.join(SECTIONS)}" for s in sections if s not in SECTIONS]
+    if settings.get("zero_stage") not in (None, 2, 3):
+        problems.append(f"--zero-stage: got {settings['zero_stage']}; allowed: 2, 3, none")
+    if problems:
+        raise ConfigError(problems)
+    return BenchSettings(**settings)
+
+
+def _parsed(setting, value):
+    if setting.type == "bool":
+        return value
+    if setting.type.startswith("tuple"):
+        items = value if isinstance(value, list) else value.split(",")
+        return tuple(int(i) for i in items) if "int" in setting.type else tuple(items)
+    if setting.name == "zero_stage":
+        return None if value == "none" else int(value)
+    return {"int": int, "float": float, "Path": Path}[setting.type](value)
 
 
 def engine_problems() -> dict[str, str | None]:

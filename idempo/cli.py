@@ -79,35 +79,10 @@ def main(argv: list[str] | None = None) -> int:
         help="measure the sampler and trainer engines on this machine (defaults: a GPU's with CUDA, "
         "small CPU sizes without; what cannot run here is skipped, with why)",
     )
-    bench.add_argument(
-        "--model",
-        action="append",
-        dest="models",
-        help="a shape with random weights (qwen3-0.6b, qwen3-4b), a dir, a hub id, a named model or tiny; "
-        "repeat for several (default: qwen3-4b with CUDA, tiny and smollm2-135m-instruct without)",
-    )
-    bench.add_argument("--backends", default="hf,vllm", help="sampler backends to compare")
-    bench.add_argument("--batch-sizes", help="prompts per generate call (default: 32,128 with CUDA, 8 without)")
-    bench.add_argument("--prompt-tokens", type=int, default=64)
-    bench.add_argument("--new-tokens", type=int, help="default: 256 with CUDA, 64 without")
-    bench.add_argument("--lora-rank", type=int, default=16)
-    bench.add_argument("--train-batch", type=int, default=8)
-    bench.add_argument("--train-seq-len", type=int, help="default: 512 with CUDA, 64 without")
-    bench.add_argument("--train-steps", type=int, help="default: 8 with CUDA, 3 without")
-    bench.add_argument(
-        "--gradient-checkpointing",
-        action=argparse.BooleanOptionalAction,
-        help="recompute activations in the backward pass (default: on with CUDA, off without)",
-    )
-    bench.add_argument("--zero-stage", default="3", choices=["2", "3", "none"], help="also train under DeepSpeed ZeRO")
-    bench.add_argument("--cycle-seed", type=int, help="n_seed of the cycle's trial (default: 64 with CUDA, 8 without)")
-    bench.add_argument("--cycle-sampled", type=int, help="its n_sampled (default: 128 with CUDA, 8 without)")
-    bench.add_argument("--cycle-new-tokens", type=int, help="its answers' length (default: 256 with CUDA, 32 without)")
-    bench.add_argument("--cycle-eval-prompts", type=int, help="its eval questions (default: 12 with CUDA, 3 without)")
-    bench.add_argument("--gpu-memory-utilization", type=float, default=0.45, help="the vllm engine's share")
-    bench.add_argument("--enforce-eager", action="store_true", help="vllm without CUDA graphs (faster start)")
-    bench.add_argument("--sections", default="sampling,swap,sleep,training,cycle")
-    bench.add_argument("--out", type=Path, default=Path("bench.json"), help="results as JSON")
+    if (sys.argv[1:] if argv is None else argv)[:1] == ["bench"]:  # its options load torch: only when asked
+        from idempo.bench import add_options
+
+        add_options(bench)
 
     commands.add_parser("personas", help="list the registered personas")
 
@@ -268,40 +243,15 @@ def _report(args) -> int:
 
 
 def _bench(args) -> int:
-    from idempo.bench import SECTIONS, run_bench, settings_for_this_machine, table
-    from idempo.config import ConfigError
+    from idempo.bench import run_bench, settings_from, table
 
-    sections = tuple(args.sections.split(","))
-    unknown = [s for s in sections if s not in SECTIONS]
-    if unknown:
-        raise ConfigError([f"--sections: unknown {unknown}; allowed: {', '.join(SECTIONS)}"])
-    settings = settings_for_this_machine(
-        models=tuple(args.models) if args.models else None,
-        backends=tuple(args.backends.split(",")),
-        batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")) if args.batch_sizes else None,
-        prompt_tokens=args.prompt_tokens,
-        new_tokens=args.new_tokens,
-        lora_rank=args.lora_rank,
-        train_batch=args.train_batch,
-        train_seq_len=args.train_seq_len,
-        train_steps=args.train_steps,
-        zero_stage=None if args.zero_stage == "none" else int(args.zero_stage),
-        gradient_checkpointing=args.gradient_checkpointing,
-        cycle_seed=args.cycle_seed,
-        cycle_sampled=args.cycle_sampled,
-        cycle_new_tokens=args.cycle_new_tokens,
-        cycle_eval_prompts=args.cycle_eval_prompts,
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        enforce_eager=args.enforce_eager,
-        sections=sections,
-        out=args.out,
-    )
+    settings = settings_from(args)
     results = run_bench(settings, say=lambda line: print(line, file=sys.stderr, flush=True))
     print(table(results))
-    print(f"written: {args.out}", file=sys.stderr)
+    print(f"written: {settings.out}", file=sys.stderr)
     unloaded = [model for model, measured in results["models"].items() if "error" in measured]
     if unloaded:
-        print(f"error: could not load {', '.join(unloaded)} (see {args.out})", file=sys.stderr)
+        print(f"error: could not load {', '.join(unloaded)} (see {settings.out})", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
 

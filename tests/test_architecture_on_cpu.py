@@ -233,8 +233,9 @@ class IPO(DPO):
                 total += losses.sum().item() / size
             return total
 
+        plan = ranks.shard(batch_plan(len(pairs), training, seed))
         with dropout_disabled(policy.module):
-            run = optimize(policy, ranks.shard(batch_plan(len(pairs), training, seed)), step, training, seed, progress, ranks)
+            run = optimize(policy, plan, step, training, seed, progress, ranks)
         return PreferenceStats(len(run.losses), len(pairs), run.losses[0], run.final_loss, None, None, run.seconds)
 '''
 
