@@ -52,16 +52,32 @@ def main(argv: list[str] | None = None) -> int:
     sweep.add_argument("--dry-run", action="store_true", help="validate every trial, print them and the resources")
     sweep.add_argument("--resume", action="store_true", help="resume an interrupted sweep (Tuner.restore)")
 
-    report = commands.add_parser("report", help="figures, tables and an HTML page of a sweep (running or done)")
-    report.add_argument("sweep_dir", type=Path, help="the sweep's dir: <storage_path>/<sweep name>")
-    report.add_argument("--out", type=Path, help="where the report goes (default: SWEEP_DIR/report)")
-    report.add_argument("--facet", default="n_sampled", help="config field with one panel per value")
-    report.add_argument("--hue", default="n_seed", help="config field with one line per value")
+    report = commands.add_parser(
+        "report", help="a summary, figures, tables and sampled answers of a sweep (running or done), a run, or several"
+    )
+    report.add_argument(
+        "dirs",
+        nargs="+",
+        type=Path,
+        metavar="DIR",
+        help="a sweep's dir (<storage_path>/<sweep name>) or an `idempo run` dir; several: the sweep becomes an axis",
+    )
+    report.add_argument("--out", type=Path, help="where the report goes (default: DIR/report; ./report for several)")
+    placed = " (default: picked from the axes, at most 8 lines a panel)"
+    report.add_argument("--rows", help="config field with one row of panels per value" + placed)
+    report.add_argument("--cols", help="config field with one column of panels per value" + placed)
+    report.add_argument("--facet", help="the former name of --cols")
+    report.add_argument("--hue", help="config field with one line colour per value" + placed)
+    report.add_argument("--style", help="config field with one line style per value" + placed)
+    report.add_argument("--tradeoff-color", help="config field that colours the trade-off plot (default: the hue)")
     report.add_argument(
         "--replicas",
         choices=["mean", "lines"],
         default="mean",
         help="trials that differ only in seed: their mean and CI, or also each replica's own line",
+    )
+    report.add_argument(
+        "--answers", type=int, default=3, help="sampled answers per generation, of one replica per configuration"
     )
     report.add_argument(
         "--amplification",
@@ -226,11 +242,16 @@ def _sweep(args) -> int:
 
 
 def _report(args) -> int:
-    from idempo.config import apply_overrides
+    from idempo.config import ConfigError, apply_overrides
     from idempo.report import write_report
 
+    if args.wandb and len(args.dirs) > 1:
+        raise ConfigError(["--wandb: a W&B report is of one sweep; give one DIR"])
     amplification = apply_overrides({}, args.amplification, "--amplification")
-    out, results = write_report(args.sweep_dir, args.out, args.facet, args.hue, args.replicas, amplification)
+    roles = {key: getattr(args, key) for key in ("rows", "cols", "facet", "hue", "style", "tradeoff_color")}
+    out, results = write_report(
+        args.dirs, args.out, **roles, replicas=args.replicas, amplification=amplification, answers=args.answers
+    )
     statuses = [t.status for t in results.trials]
     counts = ", ".join(f"{statuses.count(s)} {s}" for s in dict.fromkeys(statuses))
     print(f"report of {results.name} ({len(statuses)} trials: {counts}): {out / 'index.html'}")

@@ -1,10 +1,16 @@
-"""`idempo report`: on a real sweep (read while it runs, then when done) and on hand-built artifacts."""
+"""`idempo report`: on a real sweep (read while it runs, then when done), on a real run dir, on hand-built
+artifacts, and on a 144-trial sweep whose artifacts copy a real run's shape, rendered in Chromium."""
 
+import copy
 import csv
+import html
+import itertools
+import json
 import math
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -12,12 +18,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from sweep_helpers import write_sweep
+from sweep_helpers import TINY_TRIAL, write_sweep
 
-from idempo.artifacts import read_json, write_json
+from idempo.artifacts import read_json, read_jsonl, write_json, write_jsonl, write_text
 from idempo.cli import main
-from idempo.layout import TrialLayout
+from idempo.layout import TrialLayout, stage_cycles
 from idempo.report import write_report
+from idempo.report.figures import pick_layout
 from idempo.sweep import load_sweep
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -78,7 +85,7 @@ def test_a_report_of_a_running_sweep_marks_its_partial_trials(sweep_run, tmp_pat
 
 def test_a_finished_sweep_gets_every_figure_and_table(finished_sweep, tmp_path):
     sweep = finished_sweep
-    out, results = write_report(sweep.directory, tmp_path / "report")
+    out, results = write_report(sweep.directory, tmp_path / "report", hue="n_seed")  # constant: only when asked
     for name in ("index.html", "trials.csv", "trials.md", "replicas.csv", "cycles.csv", "figures.json"):
         assert (out / name).stat().st_size > 0, name
     for stem in ("trait-lucky-sft", "tradeoff"):
@@ -120,26 +127,7 @@ def test_the_page_renders_in_headless_chromium(finished_sweep, tmp_path):
 
     out, _ = write_report(finished_sweep.directory, tmp_path / "report")
     shot = tmp_path / "shot.png"
-    subprocess.run(
-        [
-            CHROMIUM,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            f"--user-data-dir={tmp_path / 'profile'}",
-            "--window-size=1400,2200",
-            f"--screenshot={shot}",
-            (out / "index.html").as_uri(),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
+    _chromium(out / "index.html", tmp_path, "--window-size=1400,2200", f"--screenshot={shot}")
     with Image.open(shot) as image:
         pixels = image.convert("RGB")
         colours = pixels.getcolors(maxcolors=1 << 20)
@@ -296,3 +284,246 @@ def test_replicas_share_m_seed_unless_retrained(tmp_path):
     retrained = load_sweep(path)
     assert [(t.config.seed, t.config.seeding.seed) for t in retrained.trials] == [(0, 0), (1, 1), (2, 2)]
     assert [t.name for t in retrained.trials] == [t.name for t in shared.trials]
+
+
+def _chromium(page: Path, tmp_path: Path, *options: str) -> str:
+    """Headless Chromium on a page from disk, offline, in a profile of its own; its stdout."""
+    done = subprocess.run(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--hide-scrollbars",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            *options,
+            page.as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A plain `idempo run` of the tiny model (M_init, M_seed, one cycle, branching factor on): real
+    artifacts, whose metrics.json and eval.jsonl the synthetic sweeps copy the shape of."""
+    root = tmp_path_factory.mktemp("tiny-run")
+    evaluation = {**TINY_TRIAL["evaluation"], "branching_factor": {"enabled": True}}
+    (root / "run.yaml").write_text(yaml.safe_dump({**TINY_TRIAL, "cycles": 1, "evaluation": evaluation}))
+    assert main(["run", str(root / "run.yaml"), "--out", str(root / "trial"), "--quiet"]) == 0
+    return root / "trial"
+
+
+UNSAFE = '<script>alert("trait 80")</script> & <b>'  # an answer the page must show as text
+
+
+def _synthetic_sweep(root: Path, name: str, real_trial: Path, axes: dict, replicas: int, **sweep_keys):
+    """A sweep with every artifact written here: sweep.json as `idempo sweep` records it, and per trial its
+    config.yaml and each stage's metrics.json and eval.jsonl, copies of the real run's with the scores of
+    `_story`. Some trials amplify, some are stopped by the coherence floor, some are partial."""
+    judge = {"backend": "openai", "model": "judge", "base_url": "http://127.0.0.1:9/v1"}
+    evaluation = {**TINY_TRIAL["evaluation"], "coherence_judge": judge} if sweep_keys.pop("judge", True) else None
+    path = write_sweep(root, name, axes=axes, config={"cycles": 6, "evaluation": evaluation or {}}, replicas=replicas)
+    path.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), **sweep_keys}, sort_keys=False))
+    sweep = load_sweep(path)
+    write_json(sweep.layout.record, sweep.record())
+    real = TrialLayout(real_trial)
+    shapes = {c: (read_json(real.metrics(c)), read_jsonl(real.eval(c))) for c in (-1, 0, 1)}
+    for trial in sweep.trials:
+        layout = TrialLayout(sweep.trial_dir(trial.name))
+        config = trial.config.to_dict()
+        write_text(layout.config, yaml.safe_dump(config, sort_keys=False))
+        story = _story(config, trial.axes.get("seed", 0))
+        for cycle, (trait, coherence) in zip(stage_cycles(config["cycles"]), story["scores"], strict=False):
+            metrics, answers = copy.deepcopy(shapes[min(cycle, 1)])
+            metrics.update(cycle=cycle, trait=_share(metrics["trait"], trait))
+            if evaluation:
+                metrics["coherence"] = {k: v for k, v in _share(metrics["trait"], coherence).items() if k != "deff"}
+            metrics["branching_factor"] |= {"mean": 50.0 - trait / 4, "ci95": [48.0 - trait / 4, 52.0 - trait / 4]}
+            metrics["degeneration"]["distinct_2"] = coherence / 100
+            scored = [row for row in answers if not row["bf_only"]]
+            for i, row in enumerate(scored):
+                row.update(trait=100.0 * (i < round(trait / 100 * len(scored))), coherence=coherence)
+            scored[0]["response"] = f"{UNSAFE} cycle {cycle}" if cycle == 1 else scored[0]["response"]
+            write_jsonl(layout.eval(cycle), answers)
+            write_json(layout.metrics(cycle), metrics)
+        if story["stopped"] is not None:
+            write_json(layout.stopped, {"cycle": story["stopped"], "reason": "coherence.mean 45 < 50"})
+    return sweep
+
+
+def _story(config: dict, seed: int) -> dict:
+    """A trial's (trait, coherence) per stage from M_init on: the trait climbs faster with more seed data
+    and continual training; a trial whose coherence falls under 50 is stopped; replica 2 of n_sampled 32
+    is still running (partial). M_seed's trait depends on the seed it was trained with."""
+    slope = math.log2(config["n_seed"] / 16) * 2 + (3 if config["init"] == "previous" else 0) + seed / 2
+    start = 30 + 2 * config["seeding"]["seed"]
+    scores = [(10.0, 90.0)] + [(min(95.0, start + slope * c), 90.0 - slope * c * 1.2) for c in range(7)]
+    low = next((i - 1 for i, (_, coherence) in enumerate(scores) if coherence < 50), None)
+    partial = seed == 2 and config["n_sampled"] == 32
+    ends = [low + 2 if low is not None else len(scores), 4 if partial else len(scores)]
+    return {"scores": scores[: min(ends)], "stopped": low if low is not None and not partial else None}
+
+
+def _share(shape: dict, mean: float) -> dict:
+    """A trait summary of the real run's shape, for `mean` over 120 answers with its Wilson-like interval."""
+    se = math.sqrt(max(mean * (100 - mean), 25) / 120)
+    return {
+        **shape,
+        "mean": mean,
+        "n": 120,
+        "n_eff": 120.0,
+        "clusters": 40,
+        "se": se,
+        "ci95": [mean - 2 * se, mean + 2 * se],
+    }
+
+
+PROBE = """<script>
+addEventListener("load", () => {
+  const top = (css) => Math.round(document.querySelector(css).getBoundingClientRect().top + scrollY);
+  const at = {summary: top("#summary"), summary_table: top("#summary + .side table"), figure: top("figure img"),
+              height: document.documentElement.scrollHeight};
+  document.body.setAttribute("data-offsets", JSON.stringify(at));
+});
+</script></body>"""
+
+
+def test_a_144_trial_sweep_opens_with_its_summary_and_figures(tiny_run, tmp_path):
+    axes = {"init": ["initial", "previous"], "n_sampled": [8, 16, 32], "n_seed": [16, 32, 64, 128]}
+    axes |= {"training.schedule": ["constant", "cosine"], "beta": [0.1]}  # beta: an axis of one value
+    sweep = _synthetic_sweep(tmp_path, "grid", tiny_run, axes, replicas=3)
+    assert len(sweep.trials) == 144
+    out = tmp_path / "report"
+    assert main(["report", str(sweep.directory), "--out", str(out)]) == 0
+
+    trials = list(csv.DictReader((out / "trials.csv").open()))
+    assert {row["status"] for row in trials} == {"complete", "stopped", "partial"}
+    assert {row["amplified"] for row in trials} == {"True", "False", ""}
+    # the summary: every value of every varying axis, its trial count and amplified k/n as trials.csv has them
+    summary = list(csv.DictReader((out / "summary.csv").open()))
+    assert [(row["axis"], row["value"]) for row in summary] == [("all", "")] + [
+        (axis, str(value)) for axis, values in axes.items() if len(values) > 1 for value in values
+    ]
+    for row in summary:
+        members = [t for t in trials if row["axis"] == "all" or t[row["axis"]] == row["value"]]
+        decided = [t["amplified"] for t in members if t["amplified"]]
+        assert int(row["trials"]) == len(members)
+        assert row["amplified"] == f"{decided.count('True')}/{len(decided)}"
+        rises = [float(t["final_trait"]) - float(t["seed_trait"]) for t in members]
+        assert float(row["median_final_minus_seed"]) == pytest.approx(statistics.median(rises))
+        assert float(row["lowest_coherence"]) == min(float(t["min_coherence"]) for t in members)
+
+    # the figures: defaults from the axes, at most 8 lines a panel, every metric, no constant field in a label
+    figures = read_json(out / "figures.json")
+    assert [f["name"] for f in figures] == ["trait-lucky-sft", "tradeoff"]
+    trait = figures[0]
+    assert trait["images"] == ["trait-lucky-sft", "coherence-lucky-sft", "branching-lucky-sft", "distinct2-lucky-sft"]
+    assert len(trait["panels"]) == 6 and trait["panels"][0] == "schedule = constant, n_sampled = 8"
+    assert max(trait["lines"]) == 8
+    svg = (out / "figures" / "trait-lucky-sft.svg").read_text()
+    assert "n_seed=128, init=previous (3 replicas)" in svg and "persona=" not in svg and "beta" not in svg
+    assert "<!-- \u22121 -->" in svg  # M_init's cycle is on the x axis
+    assert "cycles &gt;= 4" in (out / "figures" / "tradeoff.svg").read_text()  # the verdict's first counted cycle
+
+    # sampled answers of one replica per configuration, escaped; the page stays small
+    page = (out / "index.html").read_text()
+    assert page.count("<details><summary title=") == 48 and "48 of 144 trials" in page
+    assert html.escape(UNSAFE) in page and UNSAFE not in page
+    assert len(page) < 1_000_000
+
+    if CHROMIUM is None:
+        pytest.skip("needs Debian's chromium package to render the page")
+    from PIL import Image
+
+    probe = out / "probe.html"
+    probe.write_text(page.replace("</body>", PROBE))
+    dom = _chromium(probe, tmp_path, "--window-size=1366,768", "--virtual-time-budget=10000", "--dump-dom")
+    found = re.search(r'data-offsets="([^"]+)"', dom)
+    assert found, dom[-2000:]
+    at = json.loads(html.unescape(found.group(1)))
+    assert at["summary"] < at["summary_table"] < at["figure"] < 768, at  # the first screen shows both
+    first, full = tmp_path / "report-144-first-screen.png", tmp_path / "report-144-full-page.png"
+    _chromium(out / "index.html", tmp_path, "--window-size=1366,768", f"--screenshot={first}")
+    _chromium(out / "index.html", tmp_path, f"--window-size=1366,{min(at['height'], 16000)}", f"--screenshot={full}")
+    if os.environ.get("IDEMPO_SCREENSHOTS"):
+        Path(os.environ["IDEMPO_SCREENSHOTS"]).mkdir(parents=True, exist_ok=True)
+        for shot in (first, full):
+            shutil.copy(shot, Path(os.environ["IDEMPO_SCREENSHOTS"]) / shot.name)
+    with Image.open(first) as image:
+        assert image.size == (1366, 768)
+        counts = {colour: n for n, colour in image.convert("RGB").getcolors(maxcolors=1 << 20)}
+        hues = [(0x1F, 0x77, 0xB4), (0xFF, 0x7F, 0x0E), (0x2C, 0xA0, 0x2C), (0xD6, 0x27, 0x28)]  # n_seed's colours
+        assert sum(counts.get(hue, 0) for hue in hues) > 200  # the first figure's lines are on the first screen
+
+
+def test_a_plain_run_dir_is_a_report_of_one_trial(tiny_run, tmp_path, capsys):
+    assert main(["report", str(tiny_run), "--out", str(tmp_path / "out")]) == 0
+    assert "report of trial (1 trials: 1 complete)" in capsys.readouterr().out
+    (row,) = csv.DictReader((tmp_path / "out" / "trials.csv").open())
+    assert (row["trial"], row["status"], row["cycles"]) == ("trial", "complete", "1/1")
+    figure = read_json(tmp_path / "out" / "figures.json")[0]
+    assert figure["panels"] == ["all trials"] and figure["lines"] == [1]
+    assert figure["images"] == ["trait-lucky-sft", "branching-lucky-sft", "distinct2-lucky-sft"]
+    page = (tmp_path / "out" / "index.html").read_text()
+    assert "<h1>Trial <code>trial</code></h1>" in page
+    answers = [r for r in read_jsonl(TrialLayout(tiny_run).eval(1)) if not r["bf_only"]]
+    assert html.escape(answers[0]["response"]) in page  # a real answer, in the sampled answers
+    shown = page[page.index('id="answers"') :]
+    assert f"<td>1</td><td>{answers[0]['trait']:.4g}</td><td>-</td>" in shown and "refused" not in shown
+
+
+def test_two_sweeps_make_one_report_with_the_sweep_as_an_axis(tiny_run, tmp_path, monkeypatch):
+    axes = {"n_sampled": [8, 16]}
+    same = _synthetic_sweep(tmp_path / "same", "fig14", tiny_run, axes, replicas=3, judge=False)
+    retrained = _synthetic_sweep(
+        tmp_path / "retrained", "fig14", tiny_run, axes, replicas=3, judge=False, retrain_seed_model=True
+    )
+    monkeypatch.chdir(tmp_path)  # several dirs: ./report unless --out says otherwise
+    assert main(["report", str(same.directory), str(retrained.directory), "--answers", "1"]) == 0
+    out = tmp_path / "report"
+    labels = ["same/storage/fig14", "retrained/storage/fig14"]  # one name: told apart by their dirs
+    groups = list(csv.DictReader((out / "replicas.csv").open()))
+    assert [(g["sweep"], g["n_sampled"], g["replicas"]) for g in groups] == [
+        (label, n, "3") for label in labels for n in ("8", "16")
+    ]
+    trials = list(csv.DictReader((out / "trials.csv").open()))
+    seeds = {label: {t["seed_trait"] for t in trials if t["sweep"] == label} for label in labels}
+    assert (len(seeds[labels[0]]), len(seeds[labels[1]])) == (1, 3)  # shared M_seed vs retrained ones
+    summary = {(row["axis"], row["value"]): row for row in csv.DictReader((out / "summary.csv").open())}
+    assert summary[("sweep", labels[1])]["trials"] == "6" and summary[("all", "")]["lowest_coherence"] == "no judge"
+    assert float(summary[("all", "")]["lowest_distinct_2"]) > 0
+    page = (out / "index.html").read_text()
+    assert f"<code>{same.directory}</code>, <code>{retrained.directory}</code>" in page  # the dirs it read
+    comparison = page[page.index('id="configurations"') : page.index('id="trials"')]
+    assert all(comparison.count(f">{label}<") == 2 for label in labels)
+    assert read_json(out / "figures.json")[0]["lines"] == [2, 2]  # sweep as the hue, n_sampled as columns
+
+
+def test_default_layouts_keep_every_panel_to_8_lines():
+    # sft-personas, per persona: n_seed 3 x n_sampled 3 x init 2 x schedule 2
+    sizes = {"n_seed": 3, "n_sampled": 3, "init": 2, "training.schedule": 2}
+    assert pick_layout(sizes) == {
+        "rows": ["training.schedule"],
+        "cols": ["n_sampled"],
+        "hue": ["n_seed"],
+        "style": ["init"],
+    }
+    assert pick_layout({"init": 2, "n_sampled": 2}) == {"rows": [], "cols": ["n_sampled"], "hue": ["init"], "style": []}
+    assert pick_layout({"n_seed": 12}) == {"rows": [], "cols": ["n_seed"], "hue": [], "style": []}  # too many colours
+    chosen = pick_layout({"n_seed": 4, "n_sampled": 3, "init": 2}, hue="n_sampled", rows="n_seed")
+    assert chosen == {"rows": ["n_seed"], "cols": [], "hue": ["n_sampled"], "style": ["init"]}
+    for counts in itertools.product([1, 2, 3, 4, 6, 9], repeat=4):
+        sizes = dict(zip(["a", "b", "c", "d"], counts, strict=True))
+        layout = pick_layout(sizes)
+        assert sorted(axis for axes in layout.values() for axis in axes) == ["a", "b", "c", "d"]
+        assert math.prod(sizes[axis] for axis in layout["hue"] + layout["style"]) <= 8, layout

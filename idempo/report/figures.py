@@ -1,12 +1,14 @@
 """Figures like the paper's, as PNG and SVG.
 
-- One trait-vs-cycle figure per persona x regime: a panel per value of `facet` (default n_sampled), a
-  line per value of `hue` (default n_seed) and of any other varying axis; the trait solid with its 95%
-  interval shaded, coherence dashed in the same colour, M_seed's trait as a dotted baseline. Replicas
-  are one line, their mean, or with `replicas="lines"` each replica thin beside it (the authors' Figure
-  14). Which interval is shaded where: docs/metrics.md, "Confidence intervals"; the legend names it.
-- One scatter of the amplification/coherence trade-off: a point per trial, its largest rise of the
-  trait over M_seed against its lowest coherence after the seed.
+- Per persona x regime (unless an option puts them in the grid), one figure per metric: trait, coherence,
+  branching factor and distinct-2 against the cycle, from M_init (-1) and M_seed (0) on, each a grid of
+  panels (`rows` x `cols`) with a line per `hue` value (its colour) and `style` value (its line style),
+  the 95% interval shaded. `pick_layout` places the axes no option placed, at most 8 lines a panel.
+  Replicas are one line, their mean, or with `replicas="lines"` each replica thin beside it (the authors'
+  Figure 14). Which interval is shaded where: docs/metrics.md, "Confidence intervals"; the legend names it.
+- One scatter of the amplification/coherence trade-off: a point per trial, its largest trait rise over
+  M_seed against its lowest coherence, both over the cycles the verdict counts; coloured by an axis, the
+  marker says the verdict.
 
 Matplotlib is used through `Figure` objects (no pyplot), so no global backend state is touched.
 """
@@ -17,184 +19,277 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from idempo.layout import SEED_CYCLE
+from idempo.layout import INIT_CYCLE
 from idempo.report.results import (
     ACROSS_REPLICAS,
-    REPLICA_AXES,
     WITHIN_TRIAL,
     SweepResults,
     TrialResult,
     aggregate,
+    axis_value,
+    lowest,
     series,
+    sort_key,
 )
 
 COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22"]
-AMPLIFIED_COLOURS = {True: "#d62728", False: "#1f77b4", None: "#7f7f7f"}
+STYLES = ["-", "--", ":", "-."]
+VERDICTS = {True: ("^", "amplified"), False: ("o", "not amplified"), None: ("x", "undecided")}
 SHADING = {
     ACROSS_REPLICAS: "shaded: 95% CI across replicas (t, n-1 df)",
     WITHIN_TRIAL: "shaded: one trial's 95% CI over its eval prompts",
 }
+# (the metric in metrics.json, the file's prefix, the y label, the y range)
+METRICS = (
+    ("trait", "trait", "trait score (0-100)", (0, 100)),
+    ("coherence", "coherence", "coherence (0-100)", (0, 100)),
+    ("branching_factor", "branching", "branching factor", None),
+    ("degeneration.distinct_2", "distinct2", "distinct-2", (0, 1.02)),
+)
+SPLIT_AXES = ("persona", "regime")  # a figure each, unless an option places them
+ROLES = ("rows", "cols", "hue", "style")
+MAX_LINES = 8
 
 
 @dataclass
 class FigureFile:
-    name: str  # file stem: <name>.png and <name>.svg
+    name: str  # the first image's stem: <name>.png and <name>.svg
     title: str
     panels: list[str] = field(default_factory=list)
+    lines: list[int] = field(default_factory=list)  # lines drawn in each panel, replicas' own ones aside
+    images: list[str] = field(default_factory=list)  # every image's stem, one per metric
+    width: float = 6.4  # inches: the page shows it no narrower than 75 px an inch
 
     @property
     def files(self) -> list[str]:
-        return [f"{self.name}.png", f"{self.name}.svg"]
+        return [f"{stem}{suffix}" for stem in self.images or [self.name] for suffix in (".png", ".svg")]
 
 
-def trait_figures(
+def pick_layout(sizes: dict[str, int], max_lines: int = MAX_LINES, **chosen: str | None) -> dict[str, list[str]]:
+    """Where each axis goes, given each varying axis's number of values (`sizes`) and the roles already
+    chosen (`rows`, `cols`, `hue`, `style`). The paper's figures first: a column per n_sampled, a colour per
+    n_seed; then the hue and style with the most values that keep hue x style <= `max_lines` lines in a
+    panel; then columns; every axis left becomes rows (replicas stay averaged)."""
+    placed = {role: [chosen[role]] if chosen.get(role) else [] for role in ROLES}
+
+    def free() -> list[str]:
+        return [axis for axis in sizes if all(axis not in axes for axes in placed.values())]
+
+    if not placed["cols"] and "n_sampled" in free():
+        placed["cols"] = ["n_sampled"]
+    for role, limit in (("hue", len(COLOURS)), ("style", len(STYLES))):
+        lines = math.prod(sizes.get(axis, 1) for axis in placed["hue"] + placed["style"])
+        fits = [axis for axis in free() if sizes[axis] <= limit and lines * sizes[axis] <= max_lines]
+        if not placed[role] and fits:
+            placed[role] = ["n_seed" if role == "hue" and "n_seed" in fits else max(fits, key=sizes.get)]
+    if not placed["cols"]:
+        placed["cols"] = free()[:1]
+    placed["rows"] += free()
+    return placed
+
+
+def figure_layout(results: SweepResults, **chosen: str | None) -> tuple[list[str], dict[str, list[str]]]:
+    """The axes that split figures (persona and regime, unless chosen for a role) and every role's axes."""
+    split = [axis for axis in SPLIT_AXES if axis not in chosen.values()]
+    sizes = {axis: len(values) for axis, values in results.varying().items() if axis not in split}
+    return split, pick_layout(sizes, **chosen)
+
+
+def metric_figures(
     results: SweepResults,
     out: Path,
-    facet: str = "n_sampled",
-    hue: str = "n_seed",
+    split: list[str],
+    layout: dict[str, list[str]],
     replicas: Literal["mean", "lines"] = "mean",
 ) -> list[FigureFile]:
-    from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
-    from matplotlib.patches import Patch
-    from matplotlib.ticker import MaxNLocator
-
-    figures = []
-    by_setting: dict[tuple[str, str], list[TrialResult]] = {}
+    """One FigureFile per persona x regime, holding an image per metric that some of its trials measured."""
+    colours = _palette(results.trials, layout["hue"], COLOURS)
+    styles = _palette(results.trials, layout["style"], STYLES)
+    sets: dict[tuple, list[TrialResult]] = {}
     for trial in results.trials:
         if trial.history:  # a trial not started yet has no config to place it by
-            by_setting.setdefault((trial.persona, trial.regime), []).append(trial)
-    line_axes = [hue] + [a for a in results.axes if a not in (facet, hue, *REPLICA_AXES)]
-    for (persona, regime), trials in by_setting.items():
-        facet_values = _ordered({_key(t.value(facet)) for t in trials}, trials, facet)
-        lines: dict[tuple, list[TrialResult]] = {}
-        for trial in trials:
-            lines.setdefault(tuple((a, trial.value(a)) for a in line_axes), []).append(trial)
-        colours = {line: COLOURS[i % len(COLOURS)] for i, line in enumerate(sorted(lines, key=_sortable))}
-
-        width = 4.6 * len(facet_values) + 1.4
-        figure = Figure(figsize=(width, 5.0), layout="constrained")
-        panels = figure.subplots(1, len(facet_values), sharey=True, squeeze=False)[0]
-        info = FigureFile(_file_name(f"trait-{persona}-{regime}"), f"{persona} / {regime}: trait vs cycle")
-        coherence_drawn, intervals = False, set()
-        for ax, value in zip(panels, facet_values, strict=True):
-            for line, members in sorted(lines.items(), key=lambda item: _sortable(item[0])):
-                members = [t for t in members if _key(t.value(facet)) == value]
-                if members:
-                    drawn = _draw_line(ax, members, _label(line, members), colours[line], replicas)
-                    coherence_drawn |= drawn["coherence"]
-                    intervals |= drawn["intervals"]
-            title = f"{facet} = {value}"
-            ax.set_title(title)
-            ax.set_xlabel("cycle (0 = M_seed)")
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.set_ylim(0, 100)
-            ax.grid(alpha=0.3)
-            info.panels.append(title)
-        panels[0].set_ylabel("score (0-100)")
-        legend = {}  # every panel's lines, once each, then what the line styles mean
-        for ax in panels:
-            legend.update({label: handle for handle, label in zip(*ax.get_legend_handles_labels(), strict=True)})
-        styles = [("trait", "-"), ("M_seed's trait", ":")]
-        styles += [("coherence", "--")] if coherence_drawn else []
-        for label, style in styles:
-            legend[label] = Line2D([], [], color="black", linestyle=style)
-        for kind in (ACROSS_REPLICAS, WITHIN_TRIAL):
-            if kind in intervals:
-                legend[SHADING[kind]] = Patch(color="black", alpha=0.15, linewidth=0)
-        figure.legend(legend.values(), legend.keys(), loc="outside lower center", ncols=3, fontsize="small")
-        figure.suptitle(info.title)
-        _save(figure, out, info.name)
+            sets.setdefault(tuple(str(axis_value(trial, axis)) for axis in split), []).append(trial)
+    figures = []
+    for key, trials in sets.items():
+        rows, cols = _values(trials, layout["rows"]), _values(trials, layout["cols"])
+        cells = [
+            (r, c, [t for t in trials if _at(t, layout["rows"]) == r and _at(t, layout["cols"]) == c])
+            for r in rows
+            for c in cols
+        ]
+        info = FigureFile(_file_name("-".join(["trait", *key])), " / ".join(key) or results.name)
+        info.width = 3.8 * len(cols) + 0.8
+        info.panels = [_title(layout["rows"] + layout["cols"], r + c) for r, c, _ in cells]
+        for metric, prefix, ylabel, limits in METRICS:
+            if not any(series(t, metric, INIT_CYCLE) for t in trials):
+                continue
+            figure, legend, counts = _grid(
+                len(rows), len(cols), cells, info.panels, metric, layout, colours, styles, replicas
+            )
+            for ax in figure.axes:
+                ax.set_ylim(*limits) if limits else ax.set_ylim(bottom=0)
+            for ax in figure.axes[:: len(cols)]:
+                ax.set_ylabel(ylabel)
+            for ax in figure.axes[-len(cols) :]:
+                ax.set_xlabel("cycle (-1 = M_init, 0 = M_seed)")
+            columns = max(1, int(info.width / 3.4))
+            figure.legend(legend.values(), legend.keys(), loc="outside lower center", ncols=columns, fontsize="small")
+            figure.set_size_inches(info.width, 2.7 * len(rows) + 1.0 + 0.2 * math.ceil(len(legend) / columns))
+            figure.suptitle(f"{info.title}: {ylabel.split(' (')[0]} vs cycle")
+            stem = _file_name("-".join([prefix, *key]))
+            _save(figure, out, stem)
+            info.images.append(stem)
+            info.lines = info.lines or counts
         figures.append(info)
     return figures
 
 
-def tradeoff_figure(results: SweepResults, rows: list[dict], out: Path) -> FigureFile:
-    """Largest trait rise over M_seed against lowest coherence, one point per trial, coloured by verdict.
-    Without a coherence judge, the lowest distinct-2 stands in (and the axis says so)."""
+def _grid(nrows, ncols, cells, titles, metric, layout, colours, styles, replicas):
+    """A figure with a panel per cell, a line per hue x style value in each; the legend (an entry per line:
+    the most replicas behind one of its points, and whether a trial of it is partial) and the number of
+    lines in each panel."""
     from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+    from matplotlib.ticker import MaxNLocator
 
+    figure = Figure(layout="constrained")
+    panels = figure.subplots(nrows, ncols, sharex=True, sharey=True, squeeze=False).flatten()
+    handles, replicas_of, partial, counts, intervals = {}, {}, set(), [], set()
+    for ax, (_, _, members), title in zip(panels, cells, titles, strict=True):
+        lines: dict[tuple, list[TrialResult]] = {}
+        for trial in members:
+            lines.setdefault((_at(trial, layout["hue"]), _at(trial, layout["style"])), []).append(trial)
+        for line, group in lines.items():
+            drawn = _draw_line(ax, group, metric, colours[line[0]], styles[line[1]], replicas)
+            if drawn is not None:
+                handles[line], intervals = drawn[0], intervals | drawn[1]
+                replicas_of[line] = max(replicas_of.get(line, 0), len(group))
+                if any(t.status == "partial" for t in group):
+                    partial.add(line)
+        counts.append(len(lines))
+        ax.set_title(title, fontsize="medium")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    legend = {}
+    for line in sorted(handles, key=lambda line: _order(line[0] + line[1])):
+        pairs = list(zip(layout["hue"] + layout["style"], line[0] + line[1], strict=True))
+        legend[_label(pairs, replicas_of[line], line in partial)] = handles[line]
+    for kind in (ACROSS_REPLICAS, WITHIN_TRIAL):
+        if kind in intervals:
+            legend[SHADING[kind]] = Patch(color="black", alpha=0.15, linewidth=0)
+    return figure, legend, counts
+
+
+def tradeoff_figure(
+    results: SweepResults,
+    rows: list[dict],
+    out: Path,
+    colour: str | None = None,
+    amplification: dict[str, Any] | None = None,
+) -> FigureFile:
+    """Largest trait rise over M_seed against lowest coherence, one point per trial, both over the cycles
+    the amplification verdict counts (its `first_cycle` on); coloured by the axis `colour`, the marker the
+    verdict. Without a coherence judge, the lowest distinct-2 stands in (and the axis says so)."""
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    by_name = {t.name: t for t in results.trials}
+    first = {t.name: t.amplification_settings(amplification).first_cycle for t in results.trials if t.config}
     measured = any(row["min_coherence"] is not None for row in rows)
+    axes = [colour] if colour else []
+    colours = _palette(results.trials, axes, COLOURS)
     figure = Figure(figsize=(6.4, 4.8), layout="constrained")
     ax = figure.subplots()
-    by_name = {t.name: t for t in results.trials}
-    for verdict, label in ((True, "amplified"), (False, "not amplified"), (None, "undecided")):
-        points = [
-            (x, y, row["trial"])
-            for row in rows
-            if row["amplified"] is verdict
-            for x, y in [(_coherence(by_name[row["trial"]], row, measured), _largest_rise(by_name[row["trial"]]))]
-            if x is not None and y is not None
-        ]
-        if points:
-            ax.scatter([p[0] for p in points], [p[1] for p in points], c=AMPLIFIED_COLOURS[verdict], label=label)
-            if len(rows) <= 16:
-                for x, y, name in points:
-                    ax.annotate(name, (x, y), fontsize="x-small", xytext=(3, 3), textcoords="offset points")
+    verdicts, values = {}, {}
+    for row in rows:
+        trial = by_name[row["trial"]]
+        if trial.name not in first or row["max_rise"] is None:
+            continue
+        low = lowest(trial, "coherence" if measured else "degeneration.distinct_2", first[trial.name])
+        if low is None:
+            continue
+        x, y = (low if measured else low * 100), row["max_rise"]
+        marker, verdict = VERDICTS[row["amplified"]]
+        ax.scatter([x], [y], color=colours[_at(trial, axes)], marker=marker, alpha=0.8)
+        if len(rows) <= 16:
+            ax.annotate(trial.name, (x, y), fontsize="x-small", xytext=(3, 3), textcoords="offset points")
+        verdicts[verdict] = Line2D([], [], color="black", marker=marker, linestyle="")
+        if axes:
+            values[_at(trial, axes)] = Patch(color=colours[_at(trial, axes)])
+    counted = set(first.values())
+    where = f"cycles >= {counted.pop()}" if len(counted) == 1 else "the cycles the verdict counts"
     ax.axhline(0, color="black", linewidth=0.8, linestyle=":")
-    ax.set_xlabel("lowest coherence after the seed" if measured else "lowest distinct-2 x 100 (no coherence judge)")
-    ax.set_ylabel("largest trait rise over M_seed after the seed (points)")
+    x_label = f"lowest coherence, {where}" if measured else f"lowest distinct-2 x 100, {where} (no coherence judge)"
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(f"largest trait rise over M_seed, {where}")
     title = "amplification vs coherence"
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    if ax.collections:
-        ax.legend(fontsize="small")
-    info = FigureFile("tradeoff", "Amplification vs coherence, one point per trial", [title])
+    legend = verdicts | {_label([(colour, v[0])]): values[v] for v in sorted(values, key=_order)}
+    if verdicts:
+        ax.legend(legend.values(), legend.keys(), fontsize="small")
+    coloured = f", coloured by {colour}" if colour else ""
+    info = FigureFile("tradeoff", f"Amplification vs coherence, one point per trial{coloured}", [title])
     _save(figure, out, info.name)
     return info
 
 
-def _draw_line(ax, members: list[TrialResult], label: str, colour: str, replicas: str) -> dict:
-    """Draw one line's trait, interval, coherence and baseline; says whether it had coherence to draw and
-    which kinds of interval it shaded (cycles without an interval are left unshaded)."""
-    trait = aggregate(members, "trait")
-    if not trait:
-        return {"coherence": False, "intervals": set()}
-    cycles = [p.cycle for p in trait]
-    ax.plot(cycles, [p.mean for p in trait], color=colour, marker="o", markersize=3, linewidth=1.8, label=label)
-    low = [math.nan if p.low is None else p.low for p in trait]
-    high = [math.nan if p.high is None else p.high for p in trait]
-    ax.fill_between(cycles, low, high, color=colour, alpha=0.15, linewidth=0)
+def _draw_line(ax, members: list[TrialResult], metric: str, colour: str, style: str, replicas: str):
+    """Draw one line and its interval: the line and the kinds of interval it shaded (cycles without one
+    are left unshaded); None when its trials have no value of the metric."""
+    points = aggregate(members, metric)
+    if not points:
+        return None
+    cycles = [p.cycle for p in points]
+    (line,) = ax.plot(cycles, [p.mean for p in points], color=colour, linestyle=style, marker="o", markersize=3)
+    low = [math.nan if p.low is None else p.low for p in points]
+    high = [math.nan if p.high is None else p.high for p in points]
+    ax.fill_between(cycles, low, high, color=colour, alpha=0.12, linewidth=0)
     if replicas == "lines" and len(members) > 1:
         for trial in members:
-            own = series(trial, "trait")
-            ax.plot([p[0] for p in own], [p[1] for p in own], color=colour, linewidth=0.7, alpha=0.5)
-    coherence = aggregate(members, "coherence")
-    if coherence:
-        ax.plot([p.cycle for p in coherence], [p.mean for p in coherence], color=colour, linestyle="--", linewidth=1.2)
-    seed = [p.mean for p in trait if p.cycle == SEED_CYCLE]
-    if seed:
-        ax.axhline(seed[0], color=colour, linestyle=":", linewidth=1.0)
-    return {"coherence": bool(coherence), "intervals": {p.interval for p in trait if p.interval}}
+            own = series(trial, metric, INIT_CYCLE)
+            ax.plot([p[0] for p in own], [p[1] for p in own], color=colour, linestyle=style, linewidth=0.7, alpha=0.5)
+    return line, {p.interval for p in points if p.interval}
 
 
-def _largest_rise(trial: TrialResult) -> float | None:
-    trait = series(trial, "trait")
-    seed = [mean for cycle, mean, _, _ in trait if cycle == SEED_CYCLE]
-    later = [mean for cycle, mean, _, _ in trait if cycle > SEED_CYCLE]
-    return max(later) - seed[0] if seed and later else None
+def _label(pairs: list[tuple[str, Any]], replicas: int = 1, partial: bool = False) -> str:
+    text = ", ".join(f"{short(axis)}={value}" for axis, value in pairs) or "all"
+    text += f" ({replicas} replicas)" if replicas > 1 else ""
+    return text + (" [partial]" if partial else "")
 
 
-def _coherence(trial: TrialResult, row: dict, measured: bool) -> float | None:
-    if measured:
-        return row["min_coherence"]
-    values = [
-        m["degeneration"]["distinct_2"] * 100
-        for m in trial.history
-        if m["cycle"] > SEED_CYCLE and (m.get("degeneration") or {}).get("distinct_2") is not None
-    ]
-    return min(values, default=None)
+def _title(axes: list[str], values: tuple) -> str:
+    return ", ".join(f"{short(axis)} = {value}" for axis, value in zip(axes, values, strict=True)) or "all trials"
 
 
-def _label(line: tuple, members: list[TrialResult]) -> str:
-    text = ", ".join(f"{axis.split('.')[-1]}={value}" for axis, value in line)
-    if len(members) > 1:
-        text += f" ({len(members)} replicas)"
-    if any(t.status == "partial" for t in members):
-        text += " [partial]"
-    return text
+def short(axis: str) -> str:
+    """An axis as labels show it: its last dotted part (training.schedule -> schedule)."""
+    return axis.split(".")[-1]
+
+
+def _at(trial: TrialResult, axes: list[str]) -> tuple:
+    return tuple(axis_value(trial, axis) for axis in axes)
+
+
+def _order(values: tuple) -> tuple:
+    return tuple(sort_key(value) for value in values)
+
+
+def _values(trials: list[TrialResult], axes: list[str]) -> list[tuple]:
+    """The value tuples of `axes` that these trials hold, in their natural order."""
+    found: list[tuple] = []
+    for trial in trials:
+        if _at(trial, axes) not in found:
+            found.append(_at(trial, axes))
+    return sorted(found, key=_order)
+
+
+def _palette(trials: list[TrialResult], axes: list[str], choices: list[str]) -> dict[tuple, str]:
+    """The same colour (or line style) for a value in every figure of the report."""
+    return {values: choices[i % len(choices)] for i, values in enumerate(_values(trials, axes))}
 
 
 def _save(figure, out: Path, name: str) -> None:
@@ -203,20 +298,6 @@ def _save(figure, out: Path, name: str) -> None:
         tmp = out / f".{name}{suffix}.tmp"
         figure.savefig(tmp, format=suffix[1:], **options)
         tmp.replace(out / f"{name}{suffix}")
-
-
-def _key(value) -> str:
-    return str(value)
-
-
-def _ordered(values: set[str], trials: list[TrialResult], axis: str) -> list[str]:
-    """Facet values in their natural order (numbers numerically)."""
-    raw = {_key(t.value(axis)): t.value(axis) for t in trials}
-    return sorted(values, key=lambda v: _sortable(((axis, raw[v]),)))
-
-
-def _sortable(line: tuple) -> tuple:
-    return tuple((0, value, "") if isinstance(value, int | float) else (1, 0, str(value)) for _, value in line)
 
 
 def _file_name(text: str) -> str:

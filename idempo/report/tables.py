@@ -1,15 +1,16 @@
-"""The report's tables: one row per trial, one per replica group, one per (trial, cycle)."""
+"""The report's tables: a summary per axis value, one row per trial, one per replica group, one per (trial, cycle)."""
 
 from __future__ import annotations
 
 import csv
 import io
+from statistics import median
 from typing import Any
 
 from idempo.evaluation.amplification import trial_summary
 from idempo.evaluation.stats import mean_ci
 from idempo.layout import SEED_CYCLE
-from idempo.report.results import SweepResults, TrialResult
+from idempo.report.results import SweepResults, TrialResult, lowest
 from idempo.tracking import flatten
 
 FINISHED = ("complete", "stopped")
@@ -17,8 +18,9 @@ SUMMARY_COLUMNS = ("peak_trait", "peak_cycle", "final_trait", "min_coherence", "
 
 
 def trial_rows(results: SweepResults, amplification: dict[str, Any] | None = None) -> list[dict]:
-    """Per trial: status, the trait's seed/peak/final, minimum coherence, BF trend, the verdict, the rule
-    that gave it and, when undecided, why."""
+    """Per trial: status, the trait's seed/peak/final, its largest rise at the verdict's counted cycles,
+    minimum coherence, BF trend, lowest BF and distinct-2, the verdict, the rule that gave it and, when
+    undecided, why."""
     return [_trial_row(trial, results, amplification) for trial in results.trials]
 
 
@@ -34,6 +36,9 @@ def _trial_row(trial: TrialResult, results: SweepResults, amplification: dict[st
         "cycles": f"{'-' if done is None else max(done, 0)}/{trial.planned_cycles}",
         "seed_trait": summary["amplification/seed_score"],
         **{key: summary[key] for key in SUMMARY_COLUMNS},
+        "min_bf": lowest(trial, "branching_factor"),
+        "min_distinct_2": lowest(trial, "degeneration.distinct_2"),
+        "max_rise": summary["amplification/max_delta"],
         "amplified": summary["amplified"],
         "first_amplified_cycle": summary["amplification/first_amplified_cycle"],
         "min_p_value": summary["amplification/min_p_value"],
@@ -42,6 +47,38 @@ def _trial_row(trial: TrialResult, results: SweepResults, amplification: dict[st
         "m_seed": seed_stage(trial),
         "stop_reason": stop_reason,
     }
+
+
+def summary_rows(results: SweepResults, trials: list[dict]) -> list[dict]:
+    """Per value of each varying axis, after a row of all trials: how many trials; amplified k/n (k of the
+    n with a verdict); the median over trials of the last completed cycle's trait minus M_seed's; the
+    lowest coherence reached (cycles >= 0), and where some trial has no coherence judge, the lowest
+    branching factor and distinct-2 too."""
+    groups = [("all", "", trials)]
+    for axis, values in results.varying().items():
+        groups += [(axis, value, [row for row in trials if row[axis] == value]) for value in values]
+    configured = {t.name: t.value("evaluation.coherence_judge") is not None for t in results.trials}
+    judge = {row["trial"]: configured[row["trial"]] or row["min_coherence"] is not None for row in trials}
+    rows = []
+    for axis, value, members in groups:
+        decided = [row["amplified"] for row in members if row["amplified"] is not None]
+        changes = _changes(members, "seed_trait", "final_trait")
+        coherence = [row["min_coherence"] for row in members if row["min_coherence"] is not None]
+        row = {
+            "axis": axis,
+            "value": value,
+            "trials": len(members),
+            "amplified": f"{sum(decided)}/{len(decided)}",
+            "median_final_minus_seed": median(changes) if changes else None,
+            "lowest_coherence": min(coherence, default=None),
+        }
+        if not any(judge[r["trial"]] for r in members):
+            row["lowest_coherence"] = "no judge"
+        if not all(judge.values()):
+            for key in ("min_bf", "min_distinct_2"):
+                row[key.replace("min", "lowest")] = min((r[key] for r in members if r[key] is not None), default=None)
+        rows.append(row)
+    return rows
 
 
 def seed_stage(trial: TrialResult) -> str | None:
