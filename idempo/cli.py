@@ -23,6 +23,15 @@ def main(argv: list[str] | None = None) -> int:
     _overrides(run)
     run.add_argument("--until-cycle", type=int, metavar="N", help="stop after cycle N; run again to continue")
     run.add_argument("--quiet", action="store_true", help="no progress bars or cycle lines")
+    run.add_argument("--wandb", metavar="PROJECT", help="log the trial to this W&B project (one run, resumed with it)")
+    run.add_argument("--wandb-entity", metavar="ENTITY", help="W&B entity (default: yours)")
+    run.add_argument(
+        "--wandb-mode",
+        choices=["auto", "online", "offline"],
+        default="auto",
+        help="auto: online when W&B has credentials (WANDB_API_KEY or `wandb login`), else offline in OUT/wandb",
+    )
+    run.add_argument("--wandb-upload", action="store_true", help="upload weights and D_seed, not references")
 
     show = commands.add_parser("config", help="validate a config and print it resolved, with defaults")
     show.add_argument("config", type=Path, nargs="?", help="experiment config (YAML)")
@@ -159,9 +168,12 @@ def _reporting_errors(handler, args) -> int:
 
 def _run(args) -> int:
     from idempo.config import load_config
-    from idempo.loop import run_trial
+    from idempo.evaluation.amplification import trial_summary
+    from idempo.loop import Trial
     from idempo.preflight import check_trial
     from idempo.progress import Reporter
+    from idempo.sweep import WandbSettings
+    from idempo.tracking import Tracker
 
     config = load_config(args.config, args.overrides)
     out = args.out or Path("runs") / args.config.stem
@@ -172,7 +184,25 @@ def _run(args) -> int:
         f"trial {out}: {config.model} / {config.persona} / {config.regime}, "
         f"n_seed {config.n_seed}, n_sampled {config.n_sampled}, init {config.init}, {config.cycles} cycles"
     )
-    history = run_trial(config, out, until_cycle=args.until_cycle, reporter=reporter, inputs=inputs)
+    trial = Trial(config, out, reporter, inputs=inputs)  # holds the trial dir from here on
+    tracker = None
+    if args.wandb:
+        settings = WandbSettings(
+            project=args.wandb, entity=args.wandb_entity, mode=args.wandb_mode, upload_artifacts=args.wandb_upload
+        )
+        tracker = Tracker(settings, config, out)
+    history = []
+    try:
+        for metrics in trial.stages(args.until_cycle):
+            history.append(metrics.to_json())
+            if tracker:
+                tracker.log(history[-1])
+    except BaseException:
+        if tracker:
+            tracker.abort()
+        raise
+    if tracker:
+        tracker.finish(trial_summary(history, config.evaluation.amplification, None, config.cycles))
     done = history[-1]["cycle"] if history else None
     if done is not None and done < config.cycles:
         reporter.note(f"stopped after cycle {done} of {config.cycles}; run the same command again to continue")

@@ -8,6 +8,7 @@
     <trial>/initial-answers.jsonl   M_init's answers to training prompts (preference regimes)
     <trial>/placement.json  stopped.json  summary.json     in a sweep: where it ran, why it stopped, its verdict
     <trial>/.lock                   held by the process running the trial
+    <trial>/wandb/                  W&B's runs of an `idempo run --wandb` trial (a sweep's are the sweep's)
 
     <storage>/<sweep>/sweep.json    the sweep's axes, trials and resolved configs
     <storage>/<sweep>/trials/<trial>/   one trial dir each
@@ -78,6 +79,7 @@ class TrialLayout:
         self.placement = self.root / "placement.json"  # a sweep trial: where its engines ran
         self.stopped = self.root / "stopped.json"  # a sweep trial: the stopper ended it, and why
         self.summary = self.root / "summary.json"  # a sweep trial: its amplification verdict
+        self.wandb = self.root / "wandb"  # `idempo run --wandb`: W&B's run dirs (idempo.tracking)
 
     def cycle_dir(self, cycle: int) -> Path:
         name = {INIT_CYCLE: "init", SEED_CYCLE: "000-seed"}.get(cycle, f"{cycle:03d}")
@@ -216,10 +218,12 @@ class TrialLayout:
         return hint
 
     def _foreign_entries(self) -> list[str]:
-        """What a dir without config.yaml holds besides the lock and idempo's temporary files."""
+        """What a dir without config.yaml holds besides the lock, W&B's runs (of a run that stopped before
+        its first stage) and idempo's temporary files."""
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if p.name != _LOCK and not is_temporary(p.name))
+        own = {_LOCK, self.wandb.name}
+        return sorted(p.name for p in self.root.iterdir() if p.name not in own and not is_temporary(p.name))
 
 
 class SweepLayout:

@@ -60,7 +60,14 @@ class WandbSettings(Section):
     project: str = Field("idempo", description="W&B project.")
     entity: str | None = Field(None, description="W&B entity (team or user); null: your default.")
     mode: Literal["auto", "online", "offline", "disabled"] = Field(
-        "auto", description="auto: online when WANDB_API_KEY is set, else offline (sync later with `wandb sync`)."
+        "auto",
+        description="auto: online when W&B has credentials (WANDB_API_KEY, or `wandb login`), else offline "
+        "(sync later with `wandb sync`).",
+    )
+    upload_artifacts: bool = Field(
+        False,
+        description="Upload each generation's weights and D_seed to W&B; false: log them as references to "
+        "their files in storage_path.",
     )
 
 

@@ -164,7 +164,9 @@ def _train_trial(name: str, payload: dict) -> None:
     stop = StopSettings(**payload["stop"]) if payload["stop"] else None
     tracker = None
     if payload["wandb"]["mode"] != "disabled":
-        tracker = Tracker(WandbSettings(**payload["wandb"]), payload["sweep"], name, config, Path(payload["wandb_dir"]))
+        sweep_dir = Path(payload["wandb_dir"])
+        axes = read_json(SweepLayout(sweep_dir).record)["trials"][name]  # the trial's tags
+        tracker = Tracker(WandbSettings(**payload["wandb"]), config, out, sweep_dir, payload["sweep"], axes)
     try:
         history: list[dict] = []
         for metrics in stages:

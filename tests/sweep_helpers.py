@@ -67,23 +67,27 @@ def wandb_records(path: Path) -> list:
 
 
 def wandb_run(storage_sweep_dir: Path, run_id: str) -> dict:
-    """History rows, summary and run metadata of every offline run file with this id, in order."""
+    """History rows (the cycles'; the optimizer steps' loss rows apart, as `steps`), summary, run metadata
+    and logged artifacts of every offline run file with this id, in order."""
     import json
 
-    history, summary, meta = [], {}, {}
+    history, steps, summary, meta, artifacts = [], [], {}, {}, []
     for run_file in sorted(storage_sweep_dir.glob(f"wandb/offline-run-*-{run_id}*/run-{run_id}.wandb")):
         for record in wandb_records(run_file):
             kind = record.WhichOneof("record_type")
             if kind == "history":
-                history.append(
-                    {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
-                )
+                row = {
+                    item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item
+                }
+                (steps if "train/step" in row else history).append(row)
+            elif kind == "artifact" and record.artifact.type != "run_table":  # a logged table's own artifact
+                artifacts.append(record.artifact)
             elif kind == "summary":
                 for item in record.summary.update:
                     summary[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
             elif kind == "run":
                 meta = {"group": record.run.run_group, "name": record.run.display_name, "tags": list(record.run.tags)}
-    return {"history": history, "summary": summary, "meta": meta}
+    return {"history": history, "steps": steps, "summary": summary, "meta": meta, "artifacts": artifacts}
 
 
 def start_local_ray() -> None:

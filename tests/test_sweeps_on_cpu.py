@@ -65,8 +65,9 @@ def test_a_four_trial_sweep_completes_with_every_cycle_and_wandb_runs(tmp_path, 
         assert all(layout.is_complete(c) for c in (-1, 0, 1, 2))
         assert read_json(layout.metrics(1))["data"]["n"] == trial.config.n_sampled
         assert sorted(progress_cycles(root, trial.name)) == [-1, 0, 1, 2]
-        run = wandb_run(root, run_id("grid", trial.name))
-        assert run["meta"] == {"group": "grid", "name": trial.name, "tags": ["lucky", "sft"]}
+        run = wandb_run(root, run_id(root, trial.name))
+        tags = ["persona=lucky", "regime=sft", *(f"{axis}={value}" for axis, value in trial.axes.items())]
+        assert run["meta"] == {"group": "grid", "name": trial.name, "tags": tags}
         assert [row["cycle"] for row in run["history"]] == [-1, 0, 1, 2]
         assert all("trait/mean" in row for row in run["history"])
         summary = run["summary"]
@@ -163,9 +164,8 @@ def test_a_trial_whose_coherence_falls_under_the_floor_stops_at_the_right_cycle(
     assert stopped["cycle"] == 2 and "coherence.mean 78.9 < floor 80 at cycle 2" in stopped["reason"]
     assert rows[0]["cycles_done"] == 2 and rows[0]["stop_reason"] == stopped["reason"]
     assert not TrialLayout(sweep.trial_dir(trial)).is_complete(3)
-    assert (
-        wandb_run(sweep.storage / "stopping", run_id("stopping", trial))["summary"]["stop_reason"] == stopped["reason"]
-    )
+    root = sweep.storage / "stopping"
+    assert wandb_run(root, run_id(root, trial))["summary"]["stop_reason"] == stopped["reason"]
 
 
 def restart_ray():
@@ -194,7 +194,7 @@ def test_a_trial_that_crashes_once_is_retried_from_its_last_cycle(tmp_path, monk
         assert layout.metrics(cycle).stat().st_mtime < crashed_at
     assert layout.metrics(2).stat().st_mtime > crashed_at
     assert sorted(progress_cycles(sweep.storage / "retry", "base")) == [-1, 0, 1, 2]  # each reported once
-    identity = run_id("retry", "base")  # the retry continued the trial's one W&B run, each cycle logged once
+    identity = run_id(sweep.storage / "retry", "base")  # the retry continued the trial's one W&B run, each cycle once
     assert len(list((sweep.storage / "retry" / "wandb").glob(f"offline-run-*-{identity}*"))) == 1
     assert [row["cycle"] for row in wandb_run(sweep.storage / "retry", identity)["history"]] == [-1, 0, 1, 2]
 
@@ -245,12 +245,13 @@ def test_a_killed_sweep_resumes_without_redoing_cycles(tmp_path):
         # cycle logged, and the summary written at the end
         interrupted = sweep.storage / "resume" / "wandb"
         for trial in sweep.trials:
-            identity = run_id("resume", trial.name)
+            identity = run_id(sweep.storage / "resume", trial.name)
             run = wandb_run(sweep.storage / "resume", identity)
             assert [row["cycle"] for row in run["history"]] == [-1, 0, 1, 2, 3], trial.name
             assert run["summary"]["cycles_done"] == 3 and run["meta"]["name"] == trial.name
         for trial in sweep.trials:  # one offline run dir each, however often the trial started
-            assert len(list(interrupted.glob(f"offline-run-*-{run_id('resume', trial.name)}*"))) == 1, trial.name
+            identity = run_id(sweep.storage / "resume", trial.name)
+            assert len(list(interrupted.glob(f"offline-run-*-{identity}*"))) == 1, trial.name
     finally:
         start_local_ray()
 

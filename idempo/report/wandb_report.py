@@ -2,7 +2,8 @@
 
 Built with the W&B reports API (`wandb_workspaces.reports.v2`). Saving needs W&B online (an API key);
 offline, the report objects are still built, so the specification is checked, and `publish` says what
-it would create.
+it would create. Runs are grouped by the config fields of the sweep's axes (replicas' seeds aside), as
+the runs' nested config holds them: `config.evaluation.amplification.threshold`.
 """
 
 from __future__ import annotations
@@ -61,10 +62,11 @@ def publish(results: SweepResults, mode: str = "auto", project: str | None = Non
         build_report(plan)  # the specification is checked against the installed API even offline
         panels = ", ".join(p["y"] for p in plan["panels"])
         return (
-            f"W&B is offline (no WANDB_API_KEY): would create the report '{plan['title']}' in project "
-            f"{plan['project']} of entity {plan['entity'] or '(your default)'}, runs where {plan['filter']}, "
-            f"grouped by {', '.join(plan['groupby']) or 'nothing'}, line panels over cycle: {panels}. "
-            "Sync the offline runs first (`wandb sync`), then run this again with WANDB_API_KEY set."
+            f"W&B is offline (no WANDB_API_KEY, no `wandb login`): would create the report '{plan['title']}' "
+            f"in project {plan['project']} of entity {plan['entity'] or '(your default)'}, "
+            f"runs where {plan['filter']}, grouped by {', '.join(plan['groupby']) or 'nothing'}, "
+            f"line panels over cycle: {panels}. "
+            "Sync the offline runs first (`wandb sync`), then run this again after `wandb login`."
         )
     if plan["entity"] is None:
         import wandb

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch.nn import functional as F
@@ -130,6 +130,7 @@ class PreferenceStats:
     reward_accuracy: float | None  # DPO: share of pairs whose implicit reward prefers the chosen answer, at the end
     mean_margin: float | None  # DPO: mean of (pi_c - ref_c) - (pi_r - ref_r) at the end
     seconds: float
+    losses: list[float] = field(default_factory=list)  # one per optimizer step: W&B's per-step loss
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -179,6 +180,7 @@ def train_dpo(
         reward_accuracy=sum(m > 0 for m in margins) / len(margins),
         mean_margin=sum(margins) / len(margins),
         seconds=run.seconds,
+        losses=run.losses,
     )
 
 
@@ -251,6 +253,7 @@ def train_kto(
         reward_accuracy=None,
         mean_margin=None,
         seconds=run.seconds,
+        losses=run.losses,
     )
 
 

@@ -8,7 +8,7 @@ on CPU for a given seed. Batching, the optimizer and its schedule are every regi
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch.nn import functional as F
@@ -27,6 +27,7 @@ class TrainStats:
     first_loss: float
     final_loss: float  # mean over the last epoch
     seconds: float
+    losses: list[float] = field(default_factory=list)  # one per optimizer step: W&B's per-step loss
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -93,6 +94,7 @@ def train_sft(
         first_loss=run.losses[0],
         final_loss=run.final_loss,
         seconds=run.seconds,
+        losses=run.losses,
     )
 
 
