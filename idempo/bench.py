@@ -18,7 +18,8 @@ the others still run):
   phase breakdown (sample / train / eval / the rest) and GPU idle time.
 
 What this machine cannot run (vllm and DeepSpeed need a CUDA GPU and their packages) is skipped, and
-the JSON's `skipped` says what and why.
+the JSON's `skipped` says what and why. The results go to `--out` and to `idempo.layout.bench_records()`
+under this machine's name, where `idempo sweep --dry-run` finds them for its GPU-hours.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import json
 import os
 import random
 import re
+import socket
 import time
 import traceback
 from collections.abc import Callable
@@ -37,6 +39,9 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
+
+from idempo.artifacts import write_text
+from idempo.layout import bench_records
 
 SECTIONS = ("sampling", "swap", "sleep", "training", "cycle")
 VLLM_SECTIONS = ("swap", "sleep")  # they measure the vllm engine itself
@@ -196,8 +201,9 @@ def run_bench(settings: BenchSettings, say=print) -> dict:
     for name, reason in skipped.items():
         say(f"bench: skipped {name}: {reason}")
 
-    def save() -> None:
+    def save() -> None:  # to --out, and where cost estimates look for this machine's figures
         Path(settings.out).write_text(json.dumps(results, indent=2, default=str))
+        write_text(bench_records() / f"{socket.gethostname()}.json", json.dumps(results, indent=2, default=str))
 
     for model, config in configs.items():
         results["models"][model] = measured = {}

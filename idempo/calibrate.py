@@ -3,8 +3,10 @@
 Sweeps compare trials that start from comparable trait strengths (the authors used targets 5, 20, 40,
 60 and 80). The score is assumed to grow with n_seed, so a binary search finds the smallest n_seed in
 [low, high] whose M_seed scores at least the target; it stops early when a probe lands within
-`tolerance` points. Each probe is an ordinary trial dir with 0 cycles (`<out>/n_seed-<n>`), so an
-interrupted calibration resumes and a probe can later be extended into a full trial.
+`tolerance` points. The target counts as reached when the closest probe is within `tolerance` of it
+(`reached` in calibration.json; `idempo calibrate` exits 1 otherwise). Each probe is an ordinary trial
+dir with 0 cycles (`<out>/n_seed-<n>`), so an interrupted calibration resumes and a probe can later be
+extended into a full trial.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ def calibrate(
             f"probe {len(probes)}: n_seed {n} -> trait {_num(trait['mean'])} "
             f"[{_num(trait['ci95'][0])}, {_num(trait['ci95'][1])}] (target {target:g})"
         )
-        _write(out, target, probes)
+        _write(out, target, tolerance, probes)
         return result
 
     lo, hi = low, high
@@ -62,13 +64,20 @@ def calibrate(
     else:
         if len(probes) < max_probes and lo not in {p["n_seed"] for p in probes}:
             probe(lo)
-    return _write(out, target, probes)
+    return _write(out, target, tolerance, probes)
 
 
-def _write(out: Path, target: float, probes: list[dict]) -> dict:
+def _write(out: Path, target: float, tolerance: float, probes: list[dict]) -> dict:
     scored = [p for p in probes if p["trait"] is not None]
     best = min(scored, key=lambda p: (abs(p["trait"] - target), p["n_seed"])) if scored else None
-    summary = {"target": target, "n_seed": best["n_seed"] if best else None, "best": best, "probes": probes}
+    reached = best is not None and abs(best["trait"] - target) <= tolerance
+    summary = {
+        "target": target,
+        "n_seed": best["n_seed"] if best else None,
+        "best": best,
+        "reached": reached,
+        "probes": probes,
+    }
     write_json(calibration_record(out), summary)
     return summary
 

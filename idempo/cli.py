@@ -12,9 +12,12 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def main(argv: list[str] | None = None) -> int:
+    from idempo import __version__
+
     parser = argparse.ArgumentParser(
         prog="idempo", description="Iterated self-training experiments on language models."
     )
+    parser.add_argument("--version", action="version", version=f"idempo {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run (or resume) one trial")
@@ -33,8 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     run.add_argument("--wandb-upload", action="store_true", help="upload weights and D_seed, not references")
 
-    show = commands.add_parser("config", help="validate a config and print it resolved, with defaults")
-    show.add_argument("config", type=Path, nargs="?", help="experiment config (YAML)")
+    show = commands.add_parser(
+        "config", help="validate a config and print it resolved, with defaults (a sweep file: its trials)"
+    )
+    show.add_argument("config", type=Path, nargs="?", help="experiment config or sweep file (YAML)")
     show.add_argument("--explain", action="store_true", help="describe every field of configs and sweep files")
     _overrides(show)
 
@@ -58,8 +63,18 @@ def main(argv: list[str] | None = None) -> int:
 
     sweep = commands.add_parser("sweep", help="run a grid of trials on Ray Tune (a local Ray starts by itself)")
     sweep.add_argument("sweep", type=Path, help="sweep file (YAML)")
-    sweep.add_argument("--dry-run", action="store_true", help="validate every trial, print them and the resources")
+    sweep.add_argument(
+        "--dry-run", action="store_true", help="validate every trial, print them, the resources and the cost"
+    )
     sweep.add_argument("--resume", action="store_true", help="resume an interrupted sweep (Tuner.restore)")
+
+    status = commands.add_parser(
+        "status", help="each trial's state: pending, running (stage, phase), stopped, failed or done"
+    )
+    status.add_argument("directory", type=Path, help="a sweep's dir (<storage_path>/<sweep name>) or a trial dir")
+    status.add_argument(
+        "--watch", type=float, metavar="SECONDS", help="print it again every SECONDS until no trial is left to run"
+    )
 
     report = commands.add_parser(
         "report", help="a summary, figures, tables and sampled answers of a sweep (running or done), a run, or several"
@@ -125,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             "eval": _eval,
             "calibrate": _calibrate,
             "sweep": _sweep,
+            "status": _status,
             "report": _report,
             "bench": _bench,
             "config": _config,
@@ -249,26 +265,54 @@ def _calibrate(args) -> int:
     if best is None:
         print("no probe gave a trait score (every answer was a refusal)", file=sys.stderr)
         return EXIT_FAILED
-    print(f"n_seed {best['n_seed']}: trait {best['trait']:.1f} (target {args.target:g}); probes in {out}")
+    found = f"n_seed {best['n_seed']}: trait {best['trait']:.1f} (target {args.target:g}); probes in {out}"
+    if not summary["reached"]:
+        print(
+            f"target not reached: no probe within --tolerance {args.tolerance:g} of {args.target:g}; the closest, "
+            f"{found} (give more --max-probes, a wider --low/--high, or a larger --tolerance)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    print(found)
     return EXIT_OK
 
 
 def _sweep(args) -> int:
+    from idempo.cost import estimate
     from idempo.preflight import check_sweep
     from idempo.sweep import load_sweep
 
     sweep = load_sweep(args.sweep)
-    if args.dry_run:
-        check_sweep(sweep, args.resume)  # what run_sweep checks first: every trial, before Ray starts
-        print(sweep_table(sweep))
-        return EXIT_OK
+    check_sweep(sweep, args.resume)  # what run_sweep checks first: every trial, before Ray starts
     print(sweep_table(sweep))
+    print("\n".join(estimate(sweep).lines()), flush=True)
+    if args.dry_run:
+        return EXIT_OK
     from idempo.tune import run_sweep
 
     rows = run_sweep(sweep, resume=args.resume)
     print(_table(["trial", "cycles_done", "final_trait", "amplified", "stop_reason", "error"], rows))
     print(f"trials in {sweep.layout.trials}", file=sys.stderr)
     return EXIT_FAILED if any(row["error"] for row in rows) else EXIT_OK
+
+
+def _status(args) -> int:
+    import time
+
+    from idempo.status import render, settled
+
+    try:
+        while True:
+            text, states = render(args.directory)
+            if args.watch:
+                clear = "\033[H\033[J" if sys.stdout.isatty() else "\n"
+                text = f"{clear}{args.directory} at {time.strftime('%H:%M:%S')}\n{text}"
+            print(text, flush=True)
+            if not args.watch or settled(states):
+                return EXIT_OK
+            time.sleep(args.watch)
+    except KeyboardInterrupt:  # how a watch ends
+        return EXIT_OK
 
 
 def _report(args) -> int:
@@ -311,8 +355,8 @@ def sweep_table(sweep) -> str:
     from idempo.tune import placement
 
     rows = [
-        {"trial": t.name, **{k: v for k, v in t.axes.items()}, "model": t.config.model, "regime": t.config.regime}
-        for t in sweep.trials
+        {"#": i, "trial": t.name, **t.axes, "model": t.config.model, "regime": t.config.regime}
+        for i, t in enumerate(sweep.trials, 1)
     ]
     columns = list(dict.fromkeys(key for row in rows for key in row))
     resources = sweep.run.resources
@@ -373,7 +417,10 @@ def _config(args) -> int:
     if args.config is None:
         raise ConfigError(["config: give an experiment config file, or --explain"])
 
-    raw = apply_overrides(read_yaml_mapping(args.config, "config"), args.overrides)
+    raw = read_yaml_mapping(args.config, "config")
+    if SWEEP_KEYS & raw.keys():
+        return _sweep_config(args)
+    raw = apply_overrides(raw, args.overrides)
     config = config_from_dict(raw, source=str(args.config))
     check_trial(config, machine=False)  # the inputs it reads; what the machine needs is checked where it runs
     for source, applied in defaults_applied(raw):
@@ -381,6 +428,29 @@ def _config(args) -> int:
         where = "docs/models.md" if source.startswith("model") else "docs/loop.md"
         print(f"# {source} sets, where this config does not: {settings} ({where})")
     print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
+    return EXIT_OK
+
+
+SWEEP_KEYS = {"axes", "config", "base"}  # top-level keys of a sweep file that no experiment config has
+
+
+def _sweep_config(args) -> int:
+    """A sweep file given to `idempo config`: every trial validated, the trial table, the first trial's config."""
+    import yaml
+
+    from idempo.config import ConfigError
+    from idempo.preflight import check_sweep
+    from idempo.sweep import load_sweep
+
+    if args.overrides:
+        raise ConfigError([f"--set: {args.config} is a sweep file; set keys in its config: section instead"])
+    sweep = load_sweep(args.config)
+    check_sweep(sweep)
+    first = sweep.trials[0]
+    print(f"# {args.config} is a sweep file (its axes and config: over base); every trial is valid")
+    print("\n".join(f"# {line}" for line in sweep_table(sweep).splitlines()))
+    print(f"# trial {first.name}, resolved; the others differ in their axis values")
+    print(yaml.safe_dump(first.config.to_dict(), sort_keys=False), end="")
     return EXIT_OK
 
 

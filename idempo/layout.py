@@ -7,15 +7,17 @@
     <trial>/cycles/<c>/reeval/      `idempo eval` of that generation, by default
     <trial>/initial-answers.jsonl   M_init's answers to training prompts (preference regimes)
     <trial>/placement.json  stopped.json  summary.json     in a sweep: where it ran, why it stopped, its verdict
+    <trial>/progress.json           the stage and phase running now, and since when (`idempo status`)
     <trial>/.lock                   held by the process running the trial
     <trial>/wandb/                  W&B's runs of an `idempo run --wandb` trial (a sweep's are the sweep's)
 
     <storage>/<sweep>/sweep.json    the sweep's axes, trials and resolved configs
     <storage>/<sweep>/trials/<trial>/   one trial dir each
     <storage>/<sweep>/shared/<stage>-<key>/   stages several trials share (idempo.shared)
-    <storage>/<sweep>/tune/         Ray Tune's state (--resume)
+    <storage>/<sweep>/tune/         Ray Tune's state (--resume); a trial's failures in tune/<tune trial>/error.txt
     <storage>/<sweep>/wandb/        W&B's offline runs
     <calibration>/n_seed-<n>/  calibration.json    `idempo calibrate`'s probes and result
+    $IDEMPO_CACHE/bench/<host>.json  `idempo bench`'s latest figures on that machine (what cost estimates read)
 
 A cycle is complete when its metrics.json exists; a resumed trial reuses whatever a cycle already
 finished, after checking it against the record its dir's manifest.json keeps of it (idempo.records).
@@ -33,6 +35,7 @@ from typing import Any
 import yaml
 
 from idempo.artifacts import is_temporary, read_json, write_text
+from idempo.cache import idempo_cache_root
 from idempo.config import ENDPOINT_PACE, AmplificationConfig, endpoint_sections
 
 INIT_CYCLE, SEED_CYCLE = -1, 0
@@ -80,6 +83,7 @@ class TrialLayout:
         self.stopped = self.root / "stopped.json"  # a sweep trial: the stopper ended it, and why
         self.summary = self.root / "summary.json"  # a sweep trial: its amplification verdict
         self.wandb = self.root / "wandb"  # `idempo run --wandb`: W&B's run dirs (idempo.tracking)
+        self.progress = self.root / "progress.json"  # the stage and phase running now (idempo.status reads it)
 
     def cycle_dir(self, cycle: int) -> Path:
         name = {INIT_CYCLE: "init", SEED_CYCLE: "000-seed"}.get(cycle, f"{cycle:03d}")
@@ -174,6 +178,8 @@ class TrialLayout:
     def release_fresh(self) -> None:
         """Undo what `claim` created in a dir that held no trial (a failure before the trial wrote anything
         else, e.g. a model that does not load): the next run starts as if this one never did."""
+        if self.config in getattr(self, "_fresh", []):
+            self.progress.unlink(missing_ok=True)  # what the failed first stage said it was doing
         for path in reversed(getattr(self, "_fresh", [])):
             if path == self.config or path.name == _LOCK:
                 path.unlink(missing_ok=True)
@@ -243,6 +249,25 @@ class SweepLayout:
     def config_error(tune_trial_dir: str | Path) -> Path:
         """A trial's config error, kept in Tune's own dir of the trial for its retries (idempo.tune)."""
         return Path(tune_trial_dir) / "config-error.json"
+
+    def tune_trials(self) -> dict[str, Path]:
+        """Tune's own dir of each trial that Tune has started, by trial name (its params.json names it)."""
+        found = {}
+        for params in sorted(self.tune.glob("*/params.json"), key=lambda p: p.stat().st_mtime):
+            name = read_json(params).get("trial")
+            if isinstance(name, str):
+                found[name] = params.parent
+        return found
+
+    @staticmethod
+    def tune_error(tune_trial_dir: str | Path) -> Path:
+        """Tune's record of a trial's failures: a 'Failure # n' header and the error, per failure."""
+        return Path(tune_trial_dir) / "error.txt"
+
+
+def bench_records() -> Path:
+    """Where `idempo bench` keeps each machine's latest figures, `<host>.json`; cost estimates read them."""
+    return idempo_cache_root() / "bench"
 
 
 def calibration_probe(out: Path, n_seed: int) -> Path:

@@ -14,14 +14,16 @@ them, so a finished trial resumes without loading a model. Artifacts go through 
 
 from __future__ import annotations
 
+import os
 import random
+import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
-from idempo.artifacts import atomic_dir
+from idempo.artifacts import atomic_dir, write_json
 from idempo.config import ConfigError, ExperimentConfig, SamplingParams
 from idempo.data import CycleMetrics, Record, Sample, drop_empty, kept, require_data, row_from_json
 from idempo.engines import Engines, check_engines, load_engines
@@ -32,7 +34,7 @@ from idempo.inputs import TrialInputs, trial_inputs
 from idempo.layout import INIT_CYCLE, SEED_CYCLE, TrialLayout, stage_cycles
 from idempo.models import INITIAL, Generation
 from idempo.placement import UNPLACED, TrialPlacement
-from idempo.progress import Reporter, summary_line
+from idempo.progress import Reporter
 from idempo.prompts import cycle_prompts, seed_prompts
 from idempo.records import DamagedArtifact, Records
 from idempo.regimes import StageContext, load_regime
@@ -41,6 +43,17 @@ from idempo.seed_data import persona_chats, persona_documents
 from idempo.seeds import phase_seed
 from idempo.shared import SharedStages
 from idempo.teacher import teacher_seed_rows
+
+# What `idempo status` calls the phases the stages time (timing_s in metrics.json): sampling, training,
+# evaluating, and judging the samples (cycle_data.min_coherence, self_reward's external judge).
+PHASES = {
+    "seed data": "sampling",
+    "sample": "sampling",
+    "sleep": "training",
+    "train": "training",
+    "eval": "evaluating",
+    "judge": "judging",
+}
 
 
 def run_trial(
@@ -98,6 +111,7 @@ class Trial:
             self.layout.release_fresh()
             raise
         self._engines: Engines | None = None
+        self._now: tuple[int | None, str | None] = (None, None)  # the stage and phase progress.json names
         self.teacher_usage: dict | None = None
 
     @property
@@ -123,6 +137,7 @@ class Trial:
 
     def stage(self, cycle: int) -> CycleMetrics:
         done = self.layout.is_complete(cycle)
+        self._now = (cycle, None)
         if not done:
             produce = {INIT_CYCLE: self._evaluate_initial, SEED_CYCLE: self._seed_stage}.get(cycle, self._cycle)
             if self.shared is None or not self.shared.covers(cycle):
@@ -135,7 +150,7 @@ class Trial:
         if done:
             self.reporter.cycle(metrics, resumed=True)
         elif (metrics.get("shared") or {}).get("reused"):
-            self.reporter.note(f"{summary_line(metrics)}  (shared: run by {metrics['shared']['origin']})")
+            self.reporter.cycle(metrics, shared=True)
         return CycleMetrics.from_json(metrics)
 
     def _evaluate_initial(self, cycle: int, shared: dict | None) -> None:
@@ -348,6 +363,15 @@ class Trial:
             raise ValueError("every train-bank prompt is in D_seed; give prompts.train a larger bank")
         return pool
 
+    def _progress(self, phase: str | None) -> None:
+        """progress.json, when the phase changes: what `idempo status` shows while the stage runs (nothing in
+        a cycle dir changes: it is a file of the trial's own)."""
+        cycle, now = self._now
+        if phase is not None and cycle is not None and phase != now:
+            self._now = (cycle, phase)
+            record = {"cycle": cycle, "phase": phase, "since": round(time.time(), 1)}
+            write_json(self.layout.progress, record | {"host": socket.gethostname(), "pid": os.getpid()})
+
     @contextmanager
     def _stage_timing(self) -> Iterator[dict]:
         """timing_s of a stage: seconds per phase, then its `total` and on GPUs `gpu_busy` / `gpu_idle`."""
@@ -361,6 +385,7 @@ class Trial:
 
     @contextmanager
     def _timed(self, name: str, timing: dict):
+        self._progress(PHASES.get(name))
         started = time.perf_counter()
         try:
             yield

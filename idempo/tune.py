@@ -227,6 +227,46 @@ def make_stopper(settings: StopSettings):
     return CoherenceFloor()
 
 
+def param_space(sweep: Sweep) -> dict:
+    """One grid point per trial, by name (what the trainable resolves its config from), with the trial's axis
+    values beside it under their dotted names, so that Tune's table, ResultGrid and TensorBoard show them."""
+    from ray import tune
+
+    axes = {t.name: t.axes for t in sweep.trials}
+    space = {"trial": tune.grid_search(sweep.run_order())}
+    for axis in sweep.axes:
+        space[axis] = tune.sample_from(lambda config, axis=axis: axes[config["trial"]][axis])
+    return space
+
+
+def cycle_lines(names: list[str]):
+    """Each trial's cycle lines, as `idempo run` prints them, on the sweep driver's stdout (what `ray job logs`
+    shows), after the trial's number in the sweep's table; read from the cycle's metrics.json."""
+    from ray import tune
+
+    from idempo.progress import HEADER, summary_line
+
+    class CycleLines(tune.Callback):
+        def __init__(self):
+            self.header_shown = False
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if "trial_dir" not in result or "cycle" not in result:
+                return
+            path = TrialLayout(result["trial_dir"]).metrics(result["cycle"])
+            if not path.is_file():  # a storage this machine does not mount: nothing to show
+                return
+            if not self.header_shown:
+                print(f"{'#':>3} {HEADER}", flush=True)
+                self.header_shown = True
+            metrics = read_json(path)
+            shared = "shared" if (metrics.get("shared") or {}).get("reused") else None
+            number = names.index(trial.config["trial"]) + 1 if trial.config.get("trial") in names else "?"
+            print(f"{number:>3} {summary_line(metrics, shared)}", flush=True)
+
+    return CycleLines()
+
+
 def run_sweep(sweep: Sweep, resume: bool = False) -> list[dict]:
     """Run (or resume) every trial of the sweep on Ray; returns one summary row per trial."""
     import ray
@@ -262,7 +302,7 @@ def run_sweep(sweep: Sweep, resume: bool = False) -> list[dict]:
     else:
         tuner = tune.Tuner(
             trainable,
-            param_space={"trial": tune.grid_search(sweep.run_order())},
+            param_space=param_space(sweep),
             tune_config=tune.TuneConfig(
                 max_concurrent_trials=max_concurrent(request, sweep.run.max_concurrent_trials, ray.cluster_resources())
             ),
@@ -272,6 +312,7 @@ def run_sweep(sweep: Sweep, resume: bool = False) -> list[dict]:
                 stop=make_stopper(sweep.run.stop) if sweep.run.stop else None,
                 failure_config=tune.FailureConfig(max_failures=sweep.run.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                callbacks=[cycle_lines([t.name for t in sweep.trials])],
                 verbose=1,
             ),
         )

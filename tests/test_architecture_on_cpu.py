@@ -64,8 +64,10 @@ LAYERS = {
     "drivers": (
         "idempo.bench",
         "idempo.calibrate",
+        "idempo.cost",
         "idempo.preflight",
         "idempo.reevaluate",
+        "idempo.status",
         "idempo.sweep",
         "idempo.tune",
     ),

@@ -4,11 +4,17 @@ the figures its section had already measured."""
 
 import json
 import os
+import socket
 
+import pytest
 import torch
+from sweep_helpers import write_sweep
 
 import idempo.bench
 from idempo.cli import main
+from idempo.cost import estimate
+from idempo.layout import bench_records
+from idempo.sweep import load_sweep
 
 SMALL = ["--model", "tiny", "--backends", "hf", "--batch-sizes", "2", "--new-tokens", "4"]
 SMALL += ["--train-seq-len", "16", "--train-steps", "2", "--train-batch", "2"]
@@ -51,6 +57,14 @@ def test_bench_measures_the_hf_engine_on_cpu(tmp_path, capsys):
     assert tiny["sampling"]["hf/adapter/batch-2"]["tokens_per_s"] > 0
     assert tiny["training"]["plain"]["steps"] == 2
     assert "| sampling/hf/M_init/batch-2/tokens_per_s |" in capsys.readouterr().out
+    # this machine's figures also go where a sweep's cost estimate finds them, and give its GPU-hours
+    record = bench_records() / f"{socket.gethostname()}.json"
+    assert json.loads(record.read_text()) == json.loads(out.read_text())
+    sweep = load_sweep(write_sweep(tmp_path, "priced", run={"resources": {"cpus": 1, "gpus": 2}}))
+    cost = estimate(sweep, bench_dir=record.parent)
+    sampled, trained = cost.total.sampled_tokens, cost.total.trained_tokens
+    rates = tiny["sampling"]["hf/adapter/batch-2"]["tokens_per_s"], tiny["training"]["plain"]["tokens_per_s"]
+    assert cost.gpu_hours == pytest.approx((sampled / rates[0] + trained / rates[1]) / 3600 * 2)
 
 
 def test_a_failed_zero_run_keeps_the_plain_training_figure(tmp_path, monkeypatch):

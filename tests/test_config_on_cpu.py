@@ -168,6 +168,31 @@ def test_config_command_prints_the_resolved_config(tmp_path, capsys):
     assert resolved["cycles"] == 9 and resolved["training"]["learning_rate"] == 1.5e-4
 
 
+def test_config_command_recognises_a_sweep_file_and_prints_its_trials(tmp_path, capsys):
+    path = tmp_path / "grid.yaml"
+    sweep = {"name": "grid", "config": MINIMAL, "axes": {"n_sampled": [8, 16], "init": ["initial", "previous"]}}
+    path.write_text(yaml.safe_dump({**sweep, "run": {"storage_path": str(tmp_path / "storage")}}, sort_keys=False))
+    assert main(["config", str(path)]) == 0
+    printed = capsys.readouterr().out
+    assert "unknown key" not in printed and "is a sweep file" in printed
+    assert ["#", "4", "n_sampled-16_init-previous", "16", "previous", "tiny", "sft"] in [
+        line.split() for line in printed.splitlines()
+    ]
+    resolved = yaml.safe_load(printed)  # the first trial's config, after the commented table
+    assert (resolved["n_sampled"], resolved["init"]) == (8, "initial")
+    path.write_text(yaml.safe_dump({**sweep, "axes": {"n_sampled": [8, 0]}}))
+    assert main(["config", str(path)]) == EXIT_BAD_INPUT  # a trial's problem, named as a sweep names it
+    assert "trial n_sampled-0: n_sampled: got 0" in capsys.readouterr().err
+
+
+def test_version(capsys):
+    from idempo import __version__
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0 and capsys.readouterr().out == f"idempo {__version__}\n"
+
+
 @pytest.mark.parametrize("regime", ["dpo", "kto", "self_reward"])
 def test_preference_regimes_default_to_the_authors_dpo_setup_and_idempo_config_says_so(tmp_path, capsys, regime):
     path = tmp_path / "trial.yaml"

@@ -342,14 +342,18 @@ def test_calibration_binary_searches_n_seed(tmp_path, capsys):
     assert main([*args, "--out", str(out), "--tolerance", "100", "--quiet"]) == 0  # any probe is close enough
     summary = read_json(out / "calibration.json")
     assert [p["n_seed"] for p in summary["probes"]] == [32] and summary["n_seed"] == 32
-    assert main([*args, "--out", str(out), "--tolerance", "0", "--quiet"]) == 0
+    assert main([*args, "--out", str(out), "--tolerance", "0", "--quiet"]) == 1  # no probe lands on 40 exactly
     summary = read_json(out / "calibration.json")
     probes = summary["probes"]
+    assert summary["reached"] is False and summary["best"]["trait"] != 40
+    closest = min(probes, key=lambda p: (abs(p["trait"] - 40), p["n_seed"]))
+    assert f"target not reached: no probe within --tolerance 0 of 40; the closest, n_seed {closest['n_seed']}" in (
+        capsys.readouterr().err
+    )
     assert len(probes) == 3 and probes[0]["n_seed"] == 32  # the first probe is reused, not retrained
     for earlier, later in zip(probes, probes[1:], strict=False):
         went_down = earlier["trait"] >= 40
         assert (later["n_seed"] < earlier["n_seed"]) == went_down
-    assert "n_seed" in capsys.readouterr().out
 
 
 def test_calibration_converges_on_a_target_between_m_init_and_a_large_seed(tmp_path):

@@ -19,8 +19,9 @@ from openai_server import FakeOpenAI
 from sweep_helpers import process_tree, ray_cluster_processes, start_local_ray, stop_processes, wandb_run, write_sweep
 
 from idempo.artifacts import read_json
+from idempo.cli import main
 from idempo.config import ConfigError
-from idempo.layout import TrialLayout
+from idempo.layout import TrialLayout, stage_cycles
 from idempo.sweep import load_sweep
 from idempo.tracking import run_id
 from idempo.tune import FAULT_AFTER_CYCLE, FAULT_ONCE_FILE, run_sweep
@@ -83,6 +84,12 @@ def test_a_four_trial_sweep_completes_with_every_cycle_and_wandb_runs(tmp_path, 
         assert summary["final_trait"] == read_json(layout.metrics(2))["trait"]["mean"]
         placement = read_json(sweep.trial_dir(trial.name) / "placement.json")
         assert placement["threads"] == 1, "torch computes with the trial's one CPU"
+    # Tune's own views hold the axis values beside the trial's name (its param_space)
+    from ray.tune import ExperimentAnalysis, ResultGrid
+
+    configs = {result.config["trial"]: result.config for result in ResultGrid(ExperimentAnalysis(str(root / "tune")))}
+    assert configs == {t.name: {"trial": t.name, **t.axes} for t in sweep.trials}
+    assert configs["init-previous_n_sampled-8"] | {"trial": None} == {"trial": None, "init": "previous", "n_sampled": 8}
 
 
 def test_trials_receive_the_gpus_and_bundles_they_ask_for(tmp_path):
@@ -256,6 +263,67 @@ def test_a_killed_sweep_resumes_without_redoing_cycles(tmp_path):
         start_local_ray()
 
 
+def next_stage(layout: TrialLayout, cycles: int) -> int | None:
+    return next((c for c in stage_cycles(cycles) if not layout.is_complete(c)), None)
+
+
+def test_status_follows_a_sweep_running_in_the_background(tmp_path, capsys):
+    """`idempo status` on a sweep still running in another process shows its first trial at the stage it is
+    in (and the second pending: one trial at a time), then both done; the driver's stdout, what `ray job
+    logs` shows, carries every cycle line of both trials as `idempo run` prints them."""
+    import ray
+
+    from idempo.progress import HEADER, summary_line
+
+    ray.shutdown()  # the sweep runs in its own process with its own Ray
+    driver = None
+    try:
+        run = {"max_concurrent_trials": 1, "wandb": {"mode": "disabled"}}
+        path = write_sweep(tmp_path, "watched", axes={"seed": [0, 1]}, config={"cycles": 2}, run=run)
+        sweep = load_sweep(path)
+        log = tmp_path / "driver.log"
+        with log.open("w") as output:
+            driver = subprocess.Popen(
+                [sys.executable, "-m", "idempo", "sweep", str(path)],
+                env={**os.environ, "RAY_ADDRESS": "local"},  # a Ray of its own, never one running here
+                start_new_session=True,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+            )
+        first = TrialLayout(sweep.trial_dir("seed-0"))
+        seen, deadline = None, time.monotonic() + 600
+        while seen is None and driver.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+            before = next_stage(first, 2)
+            if not sweep.layout.record.exists() or before is None or before < 1:
+                continue
+            assert main(["status", str(sweep.directory)]) == 0
+            lines = capsys.readouterr().out.splitlines()
+            after = next_stage(first, 2)
+            row = next(line.split() for line in lines if line.split()[1:2] == ["seed-0"])
+            if row[2] == "running":
+                seen = before, int(row[3].split("/")[0]), after, row, lines
+        assert seen is not None, log.read_text()[-3000:]
+        before, shown, after, row, lines = seen
+        assert before <= shown <= (after if after is not None else 2), seen  # the stage it was in when read
+        assert row[3] == f"{shown}/2" and row[5] in ("sampling", "training", "evaluating"), row
+        assert next(line for line in lines if " seed-1 " in line).split()[2] == "pending"
+        assert driver.wait(timeout=900) == 0, log.read_text()[-3000:]
+        assert main(["status", str(sweep.directory)]) == 0
+        assert capsys.readouterr().out.splitlines()[-1] == "2 trials: 2 done"
+        printed = log.read_text()
+        assert f"  # {HEADER}" in printed
+        for number, trial in enumerate(sweep.trials, 1):
+            for cycle in stage_cycles(2):
+                metrics = read_json(TrialLayout(sweep.trial_dir(trial.name)).metrics(cycle))
+                shared = "shared" if (metrics.get("shared") or {}).get("reused") else None
+                assert f"{number:>3} {summary_line(metrics, shared)}" in printed, (trial.name, cycle)
+    finally:
+        if driver is not None and driver.poll() is None:
+            stop_processes(process_tree(driver.pid))  # the driver and the Ray it started, nothing else
+        start_local_ray()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -305,6 +373,12 @@ def test_ray_job_submit_runs_a_sweep_on_a_started_cluster(tmp_path):
             time.sleep(10)
         assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-2000:]
         assert "succeeded" in submitted.stdout
+        from idempo.progress import HEADER
+
+        assert f"  # {HEADER}" in submitted.stdout  # each trial's cycle lines reach the job's logs
+        for number in (1, 2, 3, 4):
+            for generation in ("init", "000-seed", "001", "002"):
+                assert re.search(rf"^ +{number} {generation} ", submitted.stdout, re.MULTILINE), (number, generation)
         for init in ("initial", "previous"):
             for n_sampled in (32, 64):  # the closing table: both cycles done, no error
                 row = rf"^init-{init}_n_sampled-{n_sampled}\s+2\s+\S+\s+\S+\s+.*-\s*$"

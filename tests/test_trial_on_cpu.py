@@ -16,12 +16,18 @@ from idempo.cli import main
 from idempo.layout import TrialConflict, TrialLayout
 from idempo.loop import Trial, run_trial
 from idempo.models import load_tokenizer
+from idempo.progress import HEADER, summary_line
 from idempo.training.optimize import IGNORE
 from idempo.training.sft import encode_chat_example
 
 
 def _files(root):
-    return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    """Every file a trial wrote, but progress.json: the running process's stage and phase, not a result."""
+    return {
+        p.relative_to(root): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != "progress.json"
+    }
 
 
 def _without_timing(metrics):
@@ -83,17 +89,29 @@ def test_stopped_trial_resumes_without_touching_finished_cycles(finished, tmp_pa
     config_path = tmp_path / "trial.yaml"
     config_path.write_text(yaml.safe_dump(tiny_config().to_dict()))
     out = tmp_path / "resumed"
-    assert main(["run", str(config_path), "--out", str(out), "--until-cycle", "1", "--quiet"]) == 0
+    command = [sys.executable, "-m", "idempo", "run", str(config_path), "--out", str(out), "--until-cycle", "1"]
+    printed = subprocess.run(command, capture_output=True, text=True, check=True).stdout  # a process that ends
     layout = TrialLayout(out)
     assert layout.is_complete(1) and not layout.cycle_dir(2).exists()
+    lines = [summary_line(read_json(layout.metrics(cycle))) for cycle in (-1, 0, 1)]
+    assert f"{HEADER}\n" + "\n".join(lines) in printed and printed.count(HEADER) == 1
     before = _files(out)
-    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.relative_to(out) in before}
+    assert main(["status", str(out)]) == 0  # no process runs it now; its cycle lines as `idempo run` printed them
+    status = capsys.readouterr().out
+    assert status.splitlines()[1].split()[2:5] == [
+        "interrupted",
+        "1/2",
+        f"{read_json(layout.metrics(1))['trait']['mean']:.1f}",
+    ]
+    assert "1 trial: 1 interrupted" in status and "\n".join(lines) in status
 
     assert main(["run", str(config_path), "--out", str(out), "--quiet"]) == 0
     after = _files(out)
     assert {k: after[k] for k in before} == before, "cycles -1..1 must be byte-identical"
     assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items()), "nothing finished is rewritten"
     assert layout.is_complete(2)
+    assert main(["status", str(out)]) == 0 and "1 trial: 1 done" in capsys.readouterr().out
     # ...and the resumed cycle is exactly what the uninterrupted run produced
     straight = TrialLayout(finished)
     assert layout.data(2).read_bytes() == straight.data(2).read_bytes()
