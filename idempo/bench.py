@@ -15,7 +15,11 @@ the others still run):
 - training: LoRA training tokens/s of one generation through the trainer (plain PyTorch, and
   DeepSpeed ZeRO at world size 1 with `--zero-stage`);
 - cycle: one trial of the smoke experiment's shape on the model (seed + one cycle), with the cycle's
-  phase breakdown (sample / train / eval / the rest) and GPU idle time.
+  phase breakdown (sample / train / eval / the rest) and GPU idle time;
+- loss_memory: peak memory of one training step (forward and backward, loss on every token) with the whole
+  batch's logits and with the chunked loss (`training.logits_chunk`), each in a fresh process;
+- peers: what a user would run instead, on the same model, data and settings: TRL's `SFTTrainer` against
+  idempo's trainer (tokens/s), plain transformers `generate` against the `hf` sampler.
 
 What this machine cannot run (vllm and DeepSpeed need a CUDA GPU and their packages) is skipped, and
 the JSON's `skipped` says what and why. The results go to `--out` and to `idempo.layout.bench_records()`
@@ -43,7 +47,7 @@ import torch
 from idempo.artifacts import write_text
 from idempo.layout import bench_records
 
-SECTIONS = ("sampling", "swap", "sleep", "training", "cycle")
+SECTIONS = ("sampling", "swap", "sleep", "training", "cycle", "loss_memory", "peers")
 VLLM_SECTIONS = ("swap", "sleep")  # they measure the vllm engine itself
 
 
@@ -71,6 +75,8 @@ class BenchSettings:
     train_steps: int = _option(8, "training steps measured")
     zero_stage: int | None = _option(3, "also train under DeepSpeed ZeRO at this stage (2, 3; none: not)")
     gradient_checkpointing: bool = _option(True, "recompute activations in the backward pass")
+    memory_batch: int = _option(8, "sequences in the training step whose peak memory is measured")
+    memory_seq_len: int = _option(1024, "tokens per sequence of that step")
     cycle_seed: int = _option(64, "n_seed of the cycle's trial")
     cycle_sampled: int = _option(128, "its n_sampled")
     cycle_new_tokens: int = _option(256, "its answers' length, sampled and evaluated")
@@ -95,6 +101,8 @@ CPU_DEFAULTS = {
     "cycle_sampled": 8,
     "cycle_new_tokens": 32,
     "cycle_eval_prompts": 3,
+    "memory_batch": 1,
+    "memory_seq_len": 256,
 }
 
 
@@ -412,58 +420,95 @@ class Bench:
             }
         )
 
+    def token_sequences(self) -> list:
+        """Random token sequences, loss on every token: `train_steps` batches of `train_batch`."""
+        from idempo.training.optimize import Encoded
+
+        draw, settings = random.Random(0), self.settings
+        count = settings.train_batch * settings.train_steps
+        sequences = (
+            [draw.randrange(3, len(self.tokenizer)) for _ in range(settings.train_seq_len)] for _ in range(count)
+        )
+        return [Encoded(ids, ids) for ids in sequences]
+
+    def training_config(self):
+        return self.config.model_copy(
+            update={"training": self.config.training.model_copy(update={"batch_size": self.settings.train_batch})}
+        )
+
+    def fit(self, trainer, examples, name: str) -> dict:
+        """One generation's training of `examples` through `trainer`, from fresh adapters."""
+        from idempo.models import INITIAL, Generation
+
+        out = self.adapters / f"{name}-trained"
+        stats = trainer.fit(
+            _TokenSequences(examples), [], None, INITIAL, (0, 0), Generation(out.name, out), out, "train"
+        )
+        return {
+            **_train_row(stats, self.settings),
+            **({"world_size": stats["world_size"]} if "world_size" in stats else {}),
+        }
+
     def training(self, result: dict) -> None:
         """One generation's training through the trial's trainers: plain PyTorch, and DeepSpeed ZeRO at world
         size 1 (on its own copy of M_init), on random token sequences."""
         from safetensors.torch import load_file
 
         from idempo.config import DeepSpeedConfig
-        from idempo.models import INITIAL, Generation
         from idempo.progress import Reporter
         from idempo.training.local import LocalTrainer
-        from idempo.training.optimize import Encoded
         from idempo.training.zero import ZeroTrainer
 
-        draw = random.Random(0)
-        vocabulary = len(self.tokenizer)
-        settings = self.settings
-        examples = [
-            Encoded(ids, ids)
-            for ids in (
-                [draw.randrange(3, vocabulary) for _ in range(settings.train_seq_len)]
-                for _ in range(settings.train_batch * settings.train_steps)
-            )
-        ]
-        training = self.config.training.model_copy(update={"batch_size": settings.train_batch})
-        config = self.config.model_copy(update={"training": training})
+        examples, config, settings = self.token_sequences(), self.training_config(), self.settings
         if self._vllm is not None:
             self._vllm.sleep()
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        regime = _TokenSequences(examples)
-
-        def fit(trainer, name: str) -> dict:
-            out = self.adapters / f"{name}-trained"
-            stats = trainer.fit(regime, [], None, INITIAL, (0, 0), Generation(out.name, out), out, "train")
-            return {
-                **_train_row(stats, settings),
-                **({"world_size": stats["world_size"]} if "world_size" in stats else {}),
-            }
-
         with _variant(result, "plain"):
-            result["plain"] = fit(LocalTrainer(config, self.tokenizer, self.policy, Reporter(enabled=False)), "plain")
+            trainer = LocalTrainer(config, self.tokenizer, self.policy, Reporter(enabled=False))
+            result["plain"] = self.fit(trainer, examples, "plain")
         if settings.zero_stage is not None:
             name = f"zero-{settings.zero_stage}"
             with _variant(result, name):
-                zero = training.model_copy(update={"deepspeed": DeepSpeedConfig(stage=settings.zero_stage)})
+                zero = config.training.model_copy(update={"deepspeed": DeepSpeedConfig(stage=settings.zero_stage)})
                 zero_config = config.model_copy(update={"training": zero})
                 ZeroTrainer.check(zero_config)
-                row = result[name] = fit(ZeroTrainer(zero_config), name)
+                row = result[name] = self.fit(ZeroTrainer(zero_config), examples, name)
                 weights = load_file(str(self.adapters / f"{name}-trained" / "adapter_model.safetensors"))
                 row["saved_adapter"] = {
                     "tensors": len(weights),
                     "nonzero_lora_B": sum(bool(t.abs().sum() > 0) for k, t in weights.items() if "lora_B" in k),
                 }
+            if "plain" in result and "tokens_per_s" in result.get(name, {}):
+                result["zero_over_plain"] = round(result[name]["tokens_per_s"] / result["plain"]["tokens_per_s"], 3)
+
+    def loss_memory(self, result: dict) -> None:
+        """The whole batch's logits against the chunked loss, each step in a process of its own so that one
+        variant's allocations cannot hide under the other's peak."""
+        import multiprocessing
+
+        settings, chunk = self.settings, self.config.training.logits_chunk or 1024
+        shape = (self.config.to_dict(), settings.memory_batch, settings.memory_seq_len)
+        for name, size in (("whole_logits", 0), (f"chunk-{chunk}", chunk)):
+            with _variant(result, name), multiprocessing.get_context("spawn").Pool(1) as pool:
+                result[name] = pool.apply(step_memory, (*shape, size))
+        whole, chunked = result["whole_logits"], result[f"chunk-{chunk}"]
+        if "error" not in whole and "error" not in chunked:
+            result["peak_ratio"] = round(chunked["peak_step_memory_gb"] / whole["peak_step_memory_gb"], 3)
+
+    def peers(self, result: dict) -> None:
+        """idempo's trainer against TRL's SFTTrainer: the same model (this policy, fresh adapters), sequences,
+        batch, steps, optimizer settings and activation checkpointing; ratio = idempo / TRL."""
+        from idempo.progress import Reporter
+        from idempo.training.local import LocalTrainer
+
+        examples, config = self.token_sequences(), self.training_config()
+        with _variant(result, "training"):
+            trainer = LocalTrainer(config, self.tokenizer, self.policy, Reporter(enabled=False))
+            ours = self.fit(trainer, examples, "peer")
+            theirs = trl_sft_rate(self.policy, self.tokenizer, config.training, examples, self.adapters / "trl")
+            ratio = round(ours["tokens_per_s"] / theirs["tokens_per_s"], 2)
+            result["training"] = {"idempo": ours, "trl_sft": theirs, "ratio": ratio}
 
     def cycle(self, result: dict) -> None:
         """Seed + one cycle of SFT on the model with the configured sampler, its phase breakdown."""
@@ -517,6 +562,99 @@ def _variant(result: dict, key: str):
 
 def _error(err: Exception) -> dict:
     return {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
+
+
+def step_memory(config_data: dict, batch: int, seq_len: int, chunk: int) -> dict:
+    """Peak memory of one forward and backward pass of the SFT loss over random tokens (fresh adapters), above
+    what the loaded model holds: GPU memory allocated on CUDA, else the resident set, its high-water mark
+    reset just before the step (Linux's /proc/self/clear_refs)."""
+    from idempo.config import config_from_dict
+    from idempo.models import load_base_model, load_tokenizer, make_policy
+    from idempo.training.logprobs import label_nll_sum
+
+    config = config_from_dict(config_data)
+    tokenizer = load_tokenizer(config.model, config.loading)
+    policy = make_policy(load_base_model(config.model, config.loading), tokenizer, config.training)
+    device = next(policy.module.parameters()).device
+    ids = torch.randint(3, len(tokenizer), (batch, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
+    policy.module.train()
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")
+        before = _proc_status_bytes("VmRSS")
+    started = time.perf_counter()
+    loss = label_nll_sum(policy.module, ids, torch.ones_like(ids), ids, chunk) / (batch * (seq_len - 1))
+    loss.backward()
+    _sync()
+    seconds = time.perf_counter() - started
+    peak = torch.cuda.max_memory_allocated() if cuda else _proc_status_bytes("VmHWM")
+    return {
+        "peak_step_memory_gb": round((peak - before) / 1e9, 3),
+        "memory": "GPU memory allocated" if cuda else "resident set",
+        "loss": round(loss.item(), 6),
+        "tokens": batch * seq_len,
+        "seconds": round(seconds, 2),
+    }
+
+
+def _proc_status_bytes(field: str) -> int:
+    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field + ":"))
+    return int(line.split()[1]) * 1024  # kB
+
+
+def trl_sft_rate(policy, tokenizer, training, examples, out: Path) -> dict:
+    """TRL's SFTTrainer on `policy.module` (its adapters reset) over `examples`, as a user would configure it
+    for the same run; tokens/s over its training loop (from its train-begin to train-end callbacks)."""
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.started = time.perf_counter()
+
+        def on_train_end(self, args, state, control, **kwargs):
+            _sync()
+            self.seconds = time.perf_counter() - self.started
+
+    policy.reset(0)
+    clock, bf16 = Clock(), next(policy.module.parameters()).dtype == torch.bfloat16
+    args = SFTConfig(
+        output_dir=str(out),
+        report_to="none",
+        use_cpu=not torch.cuda.is_available(),
+        bf16=bf16,
+        activation_checkpointing=training.gradient_checkpointing,
+        per_device_train_batch_size=training.batch_size,
+        max_steps=len(examples) // training.batch_size,
+        learning_rate=training.learning_rate,
+        weight_decay=training.weight_decay,
+        adam_beta1=training.adam_beta1,
+        adam_beta2=training.adam_beta2,
+        max_grad_norm=training.max_grad_norm or 0.0,
+        save_strategy="no",
+        logging_steps=len(examples),
+        max_length=None,
+        dataloader_pin_memory=False,
+        disable_tqdm=True,
+    )
+    dataset = Dataset.from_dict({"input_ids": [e.input_ids for e in examples]})
+    trainer = SFTTrainer(
+        model=policy.module, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[clock]
+    )
+    trainer.train()
+    policy.module.eval()
+    tokens = sum(len(e.input_ids) for e in examples)
+    return {
+        "steps": trainer.state.global_step,
+        "tokens": tokens,
+        "seconds": round(clock.seconds, 2),
+        "tokens_per_s": round(tokens / clock.seconds),
+    }
 
 
 class _TokenSequences:
@@ -598,6 +736,10 @@ HEADLINES = (
     "freed_gb",
     "total",
     "gpu_idle",
+    "peak_step_memory_gb",
+    "peak_ratio",
+    "ratio",
+    "zero_over_plain",
     "error",
     "section_s",
 )

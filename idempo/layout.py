@@ -51,6 +51,10 @@ def stage_cycles(cycles: int) -> list[int]:
 # write. Besides these, every endpoint section's pace, key source, refusal limit and prices
 # (`ENDPOINT_PACE`) and every cache location (`cache_dir`) may change: see `resumable`.
 RESUMABLE_CHANGES = {"cycles", "evaluation.amplification"}
+
+# Fields whose default computes otherwise (up to rounding) than idempo did before the field existed, with the
+# value a trial made before then ran with: a stored config without the field resumes only with that value.
+VALUES_BEFORE_FIELD = {"training.logits_chunk": 0}
 CACHE_LOCATIONS = {"cache_dir"}
 ENDPOINT_SECTIONS = endpoint_sections()
 
@@ -362,9 +366,12 @@ def config_differences(old: Any, new: Any, allowed: Callable[[str], bool] = resu
         changed = []
         for key in sorted(set(old) | set(new)):
             # a key the stored config lacks was added to idempo after the trial began: its default keeps
-            # the trial as it was, so resuming it is not a change
-            if allowed(f"{prefix}{key}") or key not in old:
+            # the trial as it was, so resuming it is not a change, unless the default computes otherwise
+            field = f"{prefix}{key}"
+            if allowed(field) or (key not in old and field not in VALUES_BEFORE_FIELD):
                 continue
-            changed += config_differences(old.get(key), new.get(key), allowed, f"{prefix}{key}.")
+            changed += config_differences(
+                old.get(key, VALUES_BEFORE_FIELD.get(field)), new.get(key), allowed, f"{field}."
+            )
         return changed
     return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]

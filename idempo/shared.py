@@ -28,7 +28,7 @@ from typing import Any
 
 from idempo.artifacts import atomic_dir, file_sha256, json_text, locked, write_text
 from idempo.config import ENDPOINT_PACE, ExperimentConfig
-from idempo.layout import INIT_CYCLE, SEED_CYCLE, TrialLayout
+from idempo.layout import INIT_CYCLE, SEED_CYCLE, VALUES_BEFORE_FIELD, TrialLayout
 from idempo.records import MANIFEST, Records, read_manifest, recorded
 from idempo.registry import REGIMES, seed_regime, trains_on_documents
 
@@ -68,6 +68,10 @@ def stage_inputs(config: ExperimentConfig, cycle: int) -> dict[str, Any]:
         inputs.pop("preference")
     if data["seeding"].get("teacher"):
         inputs["seeding"] = {**data["seeding"], "teacher": _without_pace(data["seeding"]["teacher"])}
+    for field, before in VALUES_BEFORE_FIELD.items():  # a stage that computes as before the field keeps its key
+        section, _, name = field.partition(".")
+        if inputs.get(section, {}).get(name, before) == before:
+            inputs.get(section, {}).pop(name, None)
     return inputs
 
 

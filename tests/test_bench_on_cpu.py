@@ -27,15 +27,23 @@ def test_bench_with_no_flags_measures_both_cpu_models_and_names_what_it_skipped(
     results = json.loads(out.read_text())
     assert list(results["models"]) == ["tiny", "smollm2-135m-instruct"]
     for measured in results["models"].values():
-        assert [s for s in ("sampling", "swap", "sleep", "training", "cycle") if s in measured] == [
+        assert [s for s in idempo.bench.SECTIONS if s in measured] == [
             "sampling",
             "training",
             "cycle",
+            "loss_memory",
+            "peers",
         ]
         assert measured["sampling"]["hf/M_init/batch-8"]["tokens_per_s"] > 0
         assert measured["sampling"]["hf/adapter/batch-8"]["tokens_per_s"] > 0
         assert measured["training"]["plain"]["tokens_per_s"] > 0
         assert measured["cycle"]["cycles"]["1"]["sample"] > 0 and measured["cycle"]["cycles"]["1"]["train"] > 0
+        whole, chunked = measured["loss_memory"]["whole_logits"], measured["loss_memory"]["chunk-1024"]
+        assert whole["tokens"] == chunked["tokens"] == 256 and chunked["loss"] == pytest.approx(whole["loss"], rel=1e-5)
+        assert whole["peak_step_memory_gb"] > 0 and chunked["peak_step_memory_gb"] > 0
+        peers = measured["peers"]["training"]
+        assert peers["idempo"]["tokens"] == peers["trl_sft"]["tokens"] == 8 * 3 * 64 and peers["trl_sft"]["steps"] == 3
+        assert peers["ratio"] == round(peers["idempo"]["tokens_per_s"] / peers["trl_sft"]["tokens_per_s"], 2)
         assert '"error"' not in json.dumps(measured)
     skipped = results["skipped"]
     assert set(skipped) == {"sampling.vllm", "swap", "sleep", "training.zero-3"}

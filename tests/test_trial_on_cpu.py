@@ -165,6 +165,21 @@ def test_more_cycles_extend_a_finished_trial_and_other_changes_are_refused(tmp_p
     assert yaml.safe_load((out / "config.yaml").read_text())["evaluation"]["amplification"]["criterion"] == "delta"
 
 
+def test_a_trial_made_before_a_setting_that_computes_otherwise_resumes_only_with_its_former_value(tmp_path):
+    """A trial whose config predates `training.logits_chunk` trained on the whole batch's logits: resuming it
+    under the chunked default would change how its next generations train, so it is refused until the
+    config says 0; a field whose default keeps the trial as it was (`loading.threads`) resumes unset."""
+    out = tmp_path / "older"
+    run_trial(tiny_config(cycles=1), out)
+    stored = yaml.safe_load((out / "config.yaml").read_text())
+    del stored["training"]["logits_chunk"], stored["loading"]["threads"]
+    (out / "config.yaml").write_text(yaml.safe_dump(stored))
+    with pytest.raises(TrialConflict, match="training.logits_chunk: 0 -> 1024"):
+        run_trial(tiny_config(cycles=2), out)
+    run_trial(tiny_config(cycles=2, training__logits_chunk=0), out)
+    assert TrialLayout(out).is_complete(2)
+
+
 def test_chat_examples_train_on_the_answer_and_its_end_of_turn_only():
     config = tiny_config()
     tokenizer = load_tokenizer(config.model, config.loading)

@@ -19,9 +19,10 @@ from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, SFTConfig, SFTTrai
 
 from idempo.config import LoadingConfig, LoraConfigSection, TrainingConfig
 from idempo.models import INITIAL, load_base_model, load_tokenizer, make_policy
+from idempo.training.logprobs import DEFAULT_CHUNK, label_nll_sum
 from idempo.training.optimize import IGNORE, Encoded, collate
 from idempo.training.preference import MismatchEncoder, dpo_loss, kto_loss, reference_logps, sequence_logps
-from idempo.training.sft import encode_chat_example, token_loss_sum, train_sft
+from idempo.training.sft import encode_chat_example, train_sft
 
 # TRL's trainers read a property transformers has renamed; the warning is theirs, not ours.
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
@@ -291,12 +292,12 @@ def test_sft_completion_only_loss_and_gradients_match_trl(tokenizer, policy, tmp
     assert torch.equal(batch["attention_mask"], attention)
 
     # idempo's side as train_sft computes it: summed token loss over the number of answer tokens.
-    def idempo_loss(labels: torch.Tensor) -> torch.Tensor:
-        logits = policy.module(input_ids=input_ids, attention_mask=attention, use_cache=False).logits
-        return token_loss_sum(logits, labels) / (labels[:, 1:] != IGNORE).sum()
+    def idempo_loss(labels: torch.Tensor, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+        return label_nll_sum(policy.module, input_ids, attention, labels, chunk) / (labels[:, 1:] != IGNORE).sum()
 
     theirs = backward(policy, trainer.compute_loss(policy.module, dict(batch)))
     assert_nontrivial(theirs)
     assert_agree(backward(policy, idempo_loss(labels)), theirs)
+    assert_agree(backward(policy, idempo_loss(labels, chunk=0)), theirs)  # the whole batch's logits at once
     with pytest.raises(AssertionError):  # the comparison sees a loss on the prompt tokens too
         assert_agree(backward(policy, idempo_loss(input_ids.masked_fill(attention == 0, IGNORE))), theirs)

@@ -29,7 +29,8 @@ from torch.nn import functional as F
 
 from idempo.config import TrainingConfig
 from idempo.models import Generation, Policy
-from idempo.training.optimize import IGNORE, ONE_PROCESS, Encoded, Ranks, batch_plan, collate, optimize
+from idempo.training.logprobs import DEFAULT_CHUNK, label_logps
+from idempo.training.optimize import ONE_PROCESS, Encoded, Ranks, batch_plan, collate, optimize
 
 log = logging.getLogger(__name__)
 
@@ -99,25 +100,28 @@ def dropout_disabled(module: torch.nn.Module) -> Iterator[None]:
             layer.p = p
 
 
-def sequence_logps(model, examples: list[Encoded], pad_id: int) -> torch.Tensor:
-    """Summed log-probability of each example's labelled tokens under `model`."""
+def sequence_logps(model, examples: list[Encoded], pad_id: int, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """Summed log-probability of each example's labelled tokens under `model` (`chunk`: label_logps)."""
     device = next(model.parameters()).device
     input_ids, labels, attention = collate(examples, pad_id, device)
-    logits = model(input_ids=input_ids, attention_mask=attention, use_cache=False).logits[:, :-1].float()
-    targets = labels[:, 1:]
-    mask = targets != IGNORE
-    picked = torch.log_softmax(logits, dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (picked * mask).sum(dim=-1)
+    return label_logps(model, input_ids, attention, labels, chunk).sum(dim=-1)
 
 
-def reference_logps(policy: Policy, reference: Generation, examples: list[Encoded], pad_id: int, batch_size: int):
+def reference_logps(
+    policy: Policy,
+    reference: Generation,
+    examples: list[Encoded],
+    pad_id: int,
+    batch_size: int,
+    chunk: int = DEFAULT_CHUNK,
+):
     """Summed log-probs of `examples` under the reference weights, computed once, without gradients; the
     policy's own weights are left as they were (a reference of M_{j-1} for a policy that starts afresh)."""
     values: list[float] = []
     swaps = reference.path is not None and policy.loaded != reference
     with policy.weights_kept() if swaps else nullcontext(), policy.use(reference) as model, torch.inference_mode():
         for start in range(0, len(examples), batch_size):
-            values += sequence_logps(model, examples[start : start + batch_size], pad_id).tolist()
+            values += sequence_logps(model, examples[start : start + batch_size], pad_id, chunk).tolist()
     return values
 
 
@@ -151,13 +155,17 @@ def train_dpo(
     if not pairs:
         raise ValueError("no preference pairs")
     flat = [e for pair in pairs for e in pair]
-    ref = torch.tensor(reference_logps(policy, reference, flat, pad_id, config.batch_size * 2)).view(-1, 2)
+    ref = torch.tensor(
+        reference_logps(policy, reference, flat, pad_id, config.batch_size * 2, config.logits_chunk)
+    ).view(-1, 2)
 
     def step(group: list[list[int]], backward) -> float:
         size = sum(len(b) for b in group)
         total = 0.0
         for batch in group:
-            logps = sequence_logps(policy.module, [e for i in batch for e in pairs[i]], pad_id).view(-1, 2)
+            logps = sequence_logps(
+                policy.module, [e for i in batch for e in pairs[i]], pad_id, config.logits_chunk
+            ).view(-1, 2)
             reference_batch = ref[batch].to(logps.device)
             losses = dpo_loss(logps[:, 0], logps[:, 1], reference_batch[:, 0], reference_batch[:, 1], beta)
             backward(losses.sum() / size)
@@ -170,7 +178,11 @@ def train_dpo(
     with torch.inference_mode():
         for start in range(0, len(pairs), config.batch_size):
             batch = list(range(start, min(len(pairs), start + config.batch_size)))
-            logps = sequence_logps(policy.module, [e for i in batch for e in pairs[i]], pad_id).view(-1, 2).cpu()
+            logps = (
+                sequence_logps(policy.module, [e for i in batch for e in pairs[i]], pad_id, config.logits_chunk)
+                .view(-1, 2)
+                .cpu()
+            )
             margins += ((logps[:, 0] - ref[batch, 0]) - (logps[:, 1] - ref[batch, 1])).tolist()
     return PreferenceStats(
         steps=len(run.losses),
@@ -212,8 +224,12 @@ def train_kto(
         [mismatched(i, k) for i, k in pairs] for pairs in local_mismatched_pairs(full_plan, mismatched, rank, world)
     ]
     batch_size = config.batch_size * 2
-    ref = reference_logps(policy, reference, examples, pad_id, batch_size)
-    flat_ref = iter(reference_logps(policy, reference, [e for pairs in shifted for e in pairs], pad_id, batch_size))
+    ref = reference_logps(policy, reference, examples, pad_id, batch_size, config.logits_chunk)
+    flat_ref = iter(
+        reference_logps(
+            policy, reference, [e for pairs in shifted for e in pairs], pad_id, batch_size, config.logits_chunk
+        )
+    )
     prepared = iter([(pairs, [next(flat_ref) for _ in pairs]) for pairs in shifted])
     wanted = torch.tensor(desirable)
 
@@ -222,10 +238,10 @@ def train_kto(
         total = 0.0
         for batch in group:
             pairs, pairs_ref = next(prepared)
-            logps = sequence_logps(policy.module, [examples[i] for i in batch], pad_id)
+            logps = sequence_logps(policy.module, [examples[i] for i in batch], pad_id, config.logits_chunk)
             device = logps.device
             if pairs:
-                kl_policy = sequence_logps(policy.module, pairs, pad_id)
+                kl_policy = sequence_logps(policy.module, pairs, pad_id, config.logits_chunk)
             else:  # a rank without mismatched pairs still takes part in the reduction
                 kl_policy = torch.zeros(0, device=device)
             losses = kto_loss(

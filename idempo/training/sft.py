@@ -10,12 +10,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-import torch
-from torch.nn import functional as F
-
 from idempo.chat import render
 from idempo.config import TrainingConfig
 from idempo.models import Policy
+from idempo.training.logprobs import label_nll_sum
 from idempo.training.optimize import IGNORE, ONE_PROCESS, Encoded, Ranks, batch_plan, collate, optimize
 
 
@@ -80,8 +78,7 @@ def train_sft(
         step_loss = 0.0
         for batch in group:
             input_ids, labels, attention = collate([examples[i] for i in batch], pad_id, device)
-            logits = policy.module(input_ids=input_ids, attention_mask=attention, use_cache=False).logits
-            loss_sum = token_loss_sum(logits, labels)
+            loss_sum = label_nll_sum(policy.module, input_ids, attention, labels, config.logits_chunk)
             backward(loss_sum / group_tokens)
             step_loss += loss_sum.item() / group_tokens
         return step_loss
@@ -95,18 +92,6 @@ def train_sft(
         final_loss=run.final_loss,
         seconds=run.seconds,
         losses=run.losses,
-    )
-
-
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy over positions whose label is not IGNORE."""
-    shifted_logits = logits[:, :-1].float()
-    shifted_labels = labels[:, 1:]
-    return F.cross_entropy(
-        shifted_logits.reshape(-1, shifted_logits.size(-1)),
-        shifted_labels.reshape(-1),
-        ignore_index=IGNORE,
-        reduction="sum",
     )
 
 
