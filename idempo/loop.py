@@ -165,8 +165,7 @@ class Trial:
         with self._stage_timing() as timing:
             path = self.layout.data(cycle)
             if not path.exists():
-                given = self.inputs.given_seed_rows is not None or self.config.seeding.source == "teacher"
-                with self._timed("seed data", timing, gpu=not given):  # on the GPU where M_init writes it
+                with self._timed("seed data", timing, gpu=self.config.seeding.source == "model"):  # M_init writes
                     self.records.write_jsonl(path, [row.to_json() for row in drop_empty(self._seed_data())])
             rows = [Sample(**row) for row in self.records.read_jsonl(path, nonempty=True)]
             rows = self.seed_regime.seed_rows(self._context(cycle, timing), rows)

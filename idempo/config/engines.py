@@ -48,7 +48,7 @@ class VLLMConfig(Section):
     gpu_memory_utilization: float = Field(
         0.45, gt=0, lt=1, description="Share of GPU memory the engine may take; the trainer shares the rest."
     )
-    sleep_while_training: bool | Literal["auto"] = Field(
+    sleep_while_training: Literal[True, False, "auto"] = Field(
         True,
         description="true: offload the engine's weights and drop its KV cache while each generation trains; "
         "false: never; auto: only when the GPU's free memory, the engine awake, is short of what the trial's "
