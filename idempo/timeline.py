@@ -42,7 +42,8 @@ class PhaseTimeline:
             yield
         finally:
             entry["end"] = round(time.time(), 6)
-            write_json(self.path, {"phases": self.phases})
+            if self.path.exists():  # gone: a new trial dir whose first stage failed was released meanwhile
+                write_json(self.path, {"phases": self.phases})
 
 
 def read_phases(path: Path) -> list[dict]:
