@@ -8,6 +8,7 @@
     <trial>/initial-answers.jsonl   M_init's answers to training prompts (preference regimes)
     <trial>/placement.json  stopped.json  summary.json     in a sweep: where it ran, why it stopped, its verdict
     <trial>/progress.json           the stage and phase running now, and since when (`idempo status`)
+    <trial>/timeline.json           each phase's wall-clock start and end, every run (idempo.timeline)
     <trial>/.lock                   held by the process running the trial
     <trial>/wandb/                  W&B's runs of an `idempo run --wandb` trial (a sweep's are the sweep's)
 
@@ -88,6 +89,7 @@ class TrialLayout:
         self.summary = self.root / "summary.json"  # a sweep trial: its amplification verdict
         self.wandb = self.root / "wandb"  # `idempo run --wandb`: W&B's run dirs (idempo.tracking)
         self.progress = self.root / "progress.json"  # the stage and phase running now (idempo.status reads it)
+        self.timeline = self.root / "timeline.json"  # when each phase ran (idempo.timeline)
 
     def cycle_dir(self, cycle: int) -> Path:
         name = {INIT_CYCLE: "init", SEED_CYCLE: "000-seed"}.get(cycle, f"{cycle:03d}")
@@ -183,7 +185,8 @@ class TrialLayout:
         """Undo what `claim` created in a dir that held no trial (a failure before the trial wrote anything
         else, e.g. a model that does not load): the next run starts as if this one never did."""
         if self.config in getattr(self, "_fresh", []):
-            self.progress.unlink(missing_ok=True)  # what the failed first stage said it was doing
+            self.progress.unlink(missing_ok=True)  # what the failed first stage said it was doing, and when
+            self.timeline.unlink(missing_ok=True)
         for path in reversed(getattr(self, "_fresh", [])):
             if path == self.config or path.name == _LOCK:
                 path.unlink(missing_ok=True)

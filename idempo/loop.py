@@ -43,6 +43,7 @@ from idempo.seed_data import persona_chats, persona_documents
 from idempo.seeds import phase_seed
 from idempo.shared import SharedStages
 from idempo.teacher import teacher_seed_rows
+from idempo.timeline import PhaseTimeline
 
 # What `idempo status` calls the phases the stages time (timing_s in metrics.json): sampling, training,
 # evaluating, and judging the samples (cycle_data.min_coherence, self_reward's external judge).
@@ -112,6 +113,7 @@ class Trial:
             raise
         self._engines: Engines | None = None
         self._now: tuple[int | None, str | None] = (None, None)  # the stage and phase progress.json names
+        self.timeline = PhaseTimeline(self.layout.timeline)
         self.teacher_usage: dict | None = None
 
     @property
@@ -163,7 +165,7 @@ class Trial:
         with self._stage_timing() as timing:
             path = self.layout.data(cycle)
             if not path.exists():
-                with self._timed("seed data", timing):
+                with self._timed("seed data", timing, gpu=self.config.seeding.source == "model"):  # M_init writes
                     self.records.write_jsonl(path, [row.to_json() for row in drop_empty(self._seed_data())])
             rows = [Sample(**row) for row in self.records.read_jsonl(path, nonempty=True)]
             rows = self.seed_regime.seed_rows(self._context(cycle, timing), rows)
@@ -384,11 +386,13 @@ class Trial:
             timing.update(gpu_busy=round(gpu.busy_s, 3), gpu_idle=round(gpu.idle_s, 3))
 
     @contextmanager
-    def _timed(self, name: str, timing: dict):
+    def _timed(self, name: str, timing: dict, gpu: bool | None = None):
+        """Adds the block's seconds to `timing` under `name`, and the block to the trial's timeline."""
         self._progress(PHASES.get(name))
         started = time.perf_counter()
         try:
-            yield
+            with self.timeline.phase(self._now[0], name, gpu):
+                yield
         finally:
             timing[name] = round(timing.get(name, 0.0) + time.perf_counter() - started, 3)
 

@@ -182,8 +182,11 @@ def stop_problems(settings: StopSettings | None, config: ExperimentConfig) -> li
 
 
 def gpu_problems(config: ExperimentConfig, gpus: float) -> list[str]:
-    """Engines that need a GPU in a sweep whose trials ask for none (checked by resources, not by the
-    driver's machine: the driver often has no GPU while the workers do)."""
+    """Engines that need a GPU in a sweep whose trials ask for none, or more of a GPU than the share they ask
+    for (checked by resources, not by the driver's machine: the driver often has no GPU while the workers
+    do)."""
+    if 0 < gpus < 1:
+        return share_problems(config, gpus)
     if gpus > 0:
         return []
     needs = []
@@ -196,6 +199,32 @@ def gpu_problems(config: ExperimentConfig, gpus: float) -> list[str]:
     if not needs:
         return []
     return [f"run.resources.gpus: got 0 but {' and '.join(needs)} need(s) a GPU; ask for gpus >= 1"]
+
+
+def share_problems(config: ExperimentConfig, gpus: float) -> list[str]:
+    """What cannot run on a share of one GPU: training ranks of their own (each holds a whole GPU, and the
+    ranks of one group must not share one), an engine spread over several GPUs, or an engine that takes
+    the whole share."""
+    problems, share = [], f"run.resources.gpus {gpus:g} (a share of one GPU)"
+    workers = config.training.deepspeed.workers if config.training.deepspeed is not None else 1
+    if workers > 1:
+        problems.append(
+            f"training.deepspeed.workers: got {workers} with {share}; ranks beyond the first take whole GPUs, so "
+            "allowed: workers 1 (ZeRO in the engines' process) or run.resources.gpus >= 1"
+        )
+    if config.sampling.backend == "vllm":
+        engine = config.sampling.vllm
+        if engine.tensor_parallel_size > 1:
+            problems.append(
+                f"sampling.vllm.tensor_parallel_size: got {engine.tensor_parallel_size} with {share}; allowed: 1"
+            )
+        if engine.gpu_memory_utilization >= gpus:
+            problems.append(
+                f"sampling.vllm.gpu_memory_utilization: got {engine.gpu_memory_utilization:g} with {share}; the "
+                f"engine's share of the GPU's memory must be under the trial's, leaving the policy and training "
+                f"room: allowed below {gpus:g}"
+            )
+    return problems
 
 
 def check_sweep(sweep: Sweep, resume: bool = False) -> None:

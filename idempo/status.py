@@ -22,6 +22,7 @@ from idempo.artifacts import read_json
 from idempo.config import ConfigError
 from idempo.layout import INIT_CYCLE, SEED_CYCLE, SweepLayout, TrialLayout, read_trial
 from idempo.progress import HEADER, summary_line
+from idempo.timeline import busy_share, read_phases
 
 STATES = ("running", "pending", "interrupted", "failed", "stopped", "done")
 WIDTH = 100
@@ -55,6 +56,19 @@ def trial_states(directory: Path, now: float | None = None) -> list[TrialState]:
     raise ConfigError(
         [f"{directory}: no sweep.json (a sweep writes it as it starts) and no config.yaml (a trial dir's)"]
     )
+
+
+def gpu_busy_shares(directory: Path) -> dict[str, float | None]:
+    """Each GPU's busy share over a sweep's trials (`idempo.timeline.busy_share` of the trials that ran on it),
+    by '<node id>:<GPU id>', from each trial's placement.json (its last run's GPUs) and timeline.json."""
+    trials = SweepLayout(directory).trials
+    by_gpu: dict[str, list[list[dict]]] = {}
+    for trial in sorted(trials.iterdir()) if trials.is_dir() else []:
+        layout = TrialLayout(trial)
+        placement = read_json(layout.placement) if layout.placement.is_file() else {}
+        for gpu in placement.get("gpu_ids") or []:
+            by_gpu.setdefault(f"{placement.get('node')}:{gpu}", []).append(read_phases(layout.timeline))
+    return {gpu: busy_share(timelines) for gpu, timelines in sorted(by_gpu.items())}
 
 
 def trial_state(directory: Path, cycles: int | None, tune_dir: Path | None, now: float) -> TrialState:

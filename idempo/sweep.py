@@ -43,7 +43,22 @@ class Resources(Section):
     their own; the trial driver takes one CPU beside it."""
 
     cpus: float = Field(1.0, gt=0, description="CPUs for the trial's engines (the bundle that trains and samples).")
-    gpus: float = Field(0.0, ge=0, description="GPUs for the trial's engines; 0 runs everything on CPUs.")
+    gpus: float = Field(
+        0.0,
+        ge=0,
+        description="GPUs for the trial's engines; 0 runs everything on CPUs; a fraction 1/k of one (0.5, 0.25) "
+        "lets k trials share a GPU, so one trains while another samples.",
+    )
+
+    @field_validator("gpus")
+    @classmethod
+    def _whole_or_share(cls, value: float) -> float:
+        if value > 1 and value != int(value) or 0 < value < 1 and abs(1 / value - round(1 / value)) > 1e-3:
+            raise ValueError(
+                "allowed: 0, a whole number of GPUs, or a share 1/k of one GPU (0.5, 0.25, 0.2, ...) "
+                "that k trials fill exactly"
+            )
+        return value
 
 
 class StopSettings(Section):
@@ -75,7 +90,11 @@ class RunSettings(Section):
     storage_path: str = Field("runs/sweeps", description="Where trials and Tune state go; shared storage on clusters.")
     resources: Resources = Field(Resources(), description="What one trial asks of the cluster.")
     max_failures: int = Field(1, ge=0, description="Retries of a failed trial, from its last completed cycle.")
-    max_concurrent_trials: int | Literal["auto"] = Field("auto", description="auto: as many as the cluster fits.")
+    max_concurrent_trials: int | Literal["auto"] = Field(
+        "auto",
+        description="auto: as many as the cluster's GPUs hold at each trial's share (two per GPU at gpus 0.5), "
+        "or its CPUs for CPU trials.",
+    )
     stop: StopSettings | None = Field(None, description="Stop trials whose metric falls under a floor; null: never.")
     wandb: WandbSettings = Field(WandbSettings(), description="Where the trials log to W&B.")
 

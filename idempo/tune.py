@@ -62,11 +62,13 @@ def check_fits(request: list[dict[str, float]], nodes: list[dict[str, float]]) -
 
 
 def max_concurrent(request: list[dict[str, float]], setting, total: dict[str, float]) -> int:
-    """'auto': as many trials as the cluster's GPUs (or, for CPU trials, CPUs) hold at once."""
+    """'auto': as many trials as the cluster's GPUs (or, for CPU trials, CPUs) hold at once; trials that ask
+    for a share of a GPU count by their share (4 at gpus 0.5 on 2 GPUs)."""
     if setting != "auto":
         return setting
     kind = "GPU" if any(b.get("GPU") for b in request) else "CPU"
-    return max(1, math.floor(total.get(kind, 0 if kind == "GPU" else 1) / sum(b.get(kind, 0) for b in request)))
+    held = total.get(kind, 0 if kind == "GPU" else 1) / sum(b.get(kind, 0) for b in request)
+    return max(1, math.floor(held + 1e-6))  # 1 / (1/3) is 2.9999... in floats
 
 
 def stop_reason(flat: dict, settings: StopSettings | None) -> str | None:

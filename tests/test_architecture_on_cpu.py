@@ -32,6 +32,7 @@ LAYERS = {
         "idempo.registry",
         "idempo.seeds",
         "idempo.threads",
+        "idempo.timeline",
         "idempo.evaluation",
         "idempo.evaluation.degeneration",
         "idempo.evaluation.numbers",

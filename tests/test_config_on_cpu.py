@@ -106,6 +106,7 @@ BAD_CONFIGS = [
     (["prompts.train=missing.jsonl"], "prompts.train", "no such file"),
     (["training.lora.rank=0"], "training.lora.rank", "must be greater than 0"),
     (["loading.trust_remote_code=yes please"], "loading.trust_remote_code", "valid boolean"),
+    (["sampling.vllm.sleep_while_training=sometimes"], "sampling.vllm.sleep_while_training", "False or 'auto'"),
 ]
 
 

@@ -75,6 +75,8 @@ def test_every_problem_of_every_trial_is_reported_at_once(tmp_path):
     assert not (tmp_path / "storage").exists()
 
 
+WHOLE_SHARE = {"gpu_memory_utilization": 0.5}
+SPREAD_ENGINE = {"tensor_parallel_size": 4, "gpu_memory_utilization": 0.1}
 BAD_SWEEPS = [
     ({"axes": {"n_sampled": [8, 8]}}, "n_sampled lists 8 more than once"),
     ({"axes": {"n_sampled": [8, 8.0]}}, "n_sampled lists 8.0 more than once"),
@@ -88,6 +90,20 @@ BAD_SWEEPS = [
     ({"run": {"stop": {"metric": "trait.median", "floor": 30}}}, "run.stop.metric: got 'trait.median'; allowed:"),
     ({"config": {"loading": {"device": "cuda:1"}}}, "run.resources.gpus: got 0 but loading.device 'cuda:1'"),
     ({"config": {"sampling": {"backend": "vllm"}}}, "run.resources.gpus: got 0 but sampling.backend 'vllm'"),
+    ({"run": {"resources": {"gpus": 0.3}}}, "run.resources.gpus: got 0.3; allowed: 0, a whole number of GPUs, or"),
+    ({"run": {"resources": {"gpus": 1.5}}}, "run.resources.gpus: got 1.5; allowed: 0, a whole number"),
+    (
+        {"run": {"resources": {"gpus": 0.5}}, "config": {"training": {"deepspeed": {"workers": 2}}}},
+        "training.deepspeed.workers: got 2 with run.resources.gpus 0.5 (a share of one GPU); ranks beyond",
+    ),
+    (
+        {"run": {"resources": {"gpus": 0.5}}, "config": {"sampling": {"backend": "vllm", "vllm": WHOLE_SHARE}}},
+        "sampling.vllm.gpu_memory_utilization: got 0.5 with run.resources.gpus 0.5 (a share of one GPU); the",
+    ),
+    (
+        {"run": {"resources": {"gpus": 0.25}}, "config": {"sampling": {"backend": "vllm", "vllm": SPREAD_ENGINE}}},
+        "sampling.vllm.tensor_parallel_size: got 4 with run.resources.gpus 0.25 (a share of one GPU); allowed: 1",
+    ),
     ({"config": {"regime": "sdf"}}, "trial base: regime: 'sdf'"),
     ({"config": {"n_seed": 5000}}, "trial base: n_seed: got 5000"),
 ]

@@ -113,6 +113,78 @@ def test_trials_receive_the_gpus_and_bundles_they_ask_for(tmp_path):
         assert len(placement["gpu_ids"]) == 1  # the engine actor holds one GPU of its bundle
 
 
+def test_trials_asking_for_half_a_gpu_share_one_and_one_trains_while_the_other_evaluates(tmp_path):
+    """Two trials at gpus 0.5 on a Ray with one (fake) GPU: `max_concurrent_trials: auto` runs both at once,
+    on GPU 0, and their timelines hold an interval in which one trains while the other evaluates. Their
+    judges, on loopback, make the overlap certain on any machine: the `evaluator` trial's judge holds its
+    first answers until the `trainer` trial has begun a training after the evaluation they belong to
+    began, and the `trainer`'s judge holds its answers after M_init's until the `evaluator` is evaluating,
+    so that neither can run through its trial before the other has started."""
+    import threading
+
+    import ray
+
+    from idempo.placement import TrialPlacement
+    from idempo.status import gpu_busy_shares
+    from idempo.timeline import overlaps, read_phases
+    from idempo.tune import max_concurrent
+
+    assert max_concurrent(TrialPlacement.for_trial(1, 0.5).bundles, "auto", {"CPU": 8, "GPU": 1}) == 2
+    assert max_concurrent(TrialPlacement.for_trial(1, 1 / 3).bundles, "auto", {"CPU": 8, "GPU": 2}) == 6
+    released = threading.Event()
+    layouts: dict[str, TrialLayout] = {}
+
+    def running(name: str, phase: str) -> list[dict]:
+        return [p for p in read_phases(layouts[name].timeline) if p["phase"] == phase and p["end"] is None]
+
+    def ready(model: str) -> bool:
+        if model == "evaluator":  # a training of the other trial that began during this evaluation
+            evaluating = running("model-evaluator", "eval")
+            trainings = read_phases(layouts["model-trainer"].timeline)
+            return bool(evaluating) and any(
+                p["phase"] == "train" and p["start"] > evaluating[-1]["start"] for p in trainings
+            )
+        after_m_init = [p for p in running("model-trainer", "eval") if p["cycle"] >= 0]
+        return not after_m_init or bool(running("model-evaluator", "eval"))
+
+    def judge_holding_until_the_trials_overlap(request):
+        deadline = time.monotonic() + 600  # a safety net: a trial that never came fails the test below
+        while not released.is_set() and not ready(request["model"]) and time.monotonic() < deadline:
+            released.wait(timeout=0.05)
+        if request["model"] == "evaluator":
+            released.set()
+        return lucky_judge(request)
+
+    ray.shutdown()
+    ray.init(address="local", num_cpus=4, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        with FakeOpenAI(answer=judge_holding_until_the_trials_overlap) as server:
+            judge = {"backend": "openai", "base_url": server.base_url, "timeout_s": 900, "cache": False}
+            path = write_sweep(
+                tmp_path,
+                "shared-gpu",
+                axes={"evaluation.judge.model": ["trainer", "evaluator"]},
+                config={"evaluation": {**TINY_TRIAL["evaluation"], "judge": judge}},
+                run={"resources": {"cpus": 1, "gpus": 0.5}, "wandb": {"mode": "disabled"}},
+            )
+            sweep = load_sweep(path)
+            layouts.update({t.name: TrialLayout(sweep.trial_dir(t.name)) for t in sweep.trials})
+            rows = run_sweep(sweep)
+        assert all(row["error"] is None and row["cycles_done"] == 2 for row in rows), rows
+    finally:
+        released.set()
+        ray.shutdown()
+        start_local_ray()
+    placements = [read_json(layout.placement) for layout in layouts.values()]
+    assert [p["bundles"] for p in placements] == [[{"CPU": 1.0}, {"CPU": 1.0, "GPU": 0.5}]] * 2
+    assert [p["gpu_ids"] for p in placements] == [["0"], ["0"]]
+    trainer, evaluator = (read_phases(layouts[name].timeline) for name in ("model-trainer", "model-evaluator"))
+    assert all(p["end"] is not None for p in trainer + evaluator)
+    assert overlaps(trainer, evaluator, ({"train"}, {"eval", "sample"})), (trainer, evaluator)
+    (share,) = gpu_busy_shares(sweep.directory).values()
+    assert 0 < share <= 1
+
+
 @pytest.mark.parametrize("retrain", [False, True])
 def test_replicas_train_m_seed_once_unless_told_to_retrain_it(tmp_path, retrain):
     """Two replicas with the same seed stage: one M_seed, trained once, held by both trials as the same

@@ -17,16 +17,17 @@ from idempo.layout import TrialConflict, TrialLayout
 from idempo.loop import Trial, run_trial
 from idempo.models import load_tokenizer
 from idempo.progress import HEADER, summary_line
+from idempo.timeline import read_phases
 from idempo.training.optimize import IGNORE
 from idempo.training.sft import encode_chat_example
 
 
 def _files(root):
-    """Every file a trial wrote, but progress.json: the running process's stage and phase, not a result."""
+    """Every file a trial wrote, but progress.json and timeline.json: what its processes did when, not results."""
     return {
         p.relative_to(root): p.read_bytes()
         for p in sorted(root.rglob("*"))
-        if p.is_file() and p.name != "progress.json"
+        if p.is_file() and p.name not in ("progress.json", "timeline.json")
     }
 
 
@@ -67,6 +68,16 @@ def test_trial_writes_the_documented_layout(finished):
         metrics = read_json(layout.metrics(cycle))
         assert metrics["cycle"] == cycle and "ci95" in metrics["trait"] and "distinct_2" in metrics["degeneration"]
     assert not list(finished.rglob("*.tmp"))
+    # the timeline: every phase of every stage, in order, each begun and ended by the wall clock
+    phases = read_phases(layout.timeline)
+    cycle = [(p["cycle"], p["phase"]) for p in phases if p["cycle"] == 1]
+    assert cycle == [(1, "sample"), (1, "sleep"), (1, "train"), (1, "eval")]
+    assert [p["phase"] for p in phases if p["cycle"] == -1] == ["eval"]
+    assert [p["cycle"] for p in phases] == sorted(p["cycle"] for p in phases)
+    assert all(p["start"] <= p["end"] for p in phases) and [p["start"] for p in phases] == sorted(
+        p["start"] for p in phases
+    )
+    assert {p["phase"] for p in phases if p["gpu"]} == {"sample", "train", "eval"}
 
 
 def test_same_config_and_seeds_give_the_same_samples_and_metrics(finished, tmp_path):
@@ -106,7 +117,10 @@ def test_stopped_trial_resumes_without_touching_finished_cycles(finished, tmp_pa
     ]
     assert "1 trial: 1 interrupted" in status and "\n".join(lines) in status
 
+    earlier = read_phases(layout.timeline)
     assert main(["run", str(config_path), "--out", str(out), "--quiet"]) == 0
+    resumed = read_phases(layout.timeline)
+    assert resumed[: len(earlier)] == earlier and {p["cycle"] for p in resumed[len(earlier) :]} == {2}
     after = _files(out)
     assert {k: after[k] for k in before} == before, "cycles -1..1 must be byte-identical"
     assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items()), "nothing finished is rewritten"

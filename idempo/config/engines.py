@@ -48,8 +48,11 @@ class VLLMConfig(Section):
     gpu_memory_utilization: float = Field(
         0.45, gt=0, lt=1, description="Share of GPU memory the engine may take; the trainer shares the rest."
     )
-    sleep_while_training: bool = Field(
-        True, description="Offload the engine's weights and drop its KV cache while a generation trains."
+    sleep_while_training: Literal[True, False, "auto"] = Field(
+        True,
+        description="true: offload the engine's weights and drop its KV cache while each generation trains; "
+        "false: never; auto: only when the GPU's free memory, the engine awake, is short of what the trial's "
+        "last training grew by (the first training always sleeps: nothing is measured yet).",
     )
     enforce_eager: bool = Field(False, description="Skip torch.compile and CUDA graphs: faster start, slower decode.")
     max_model_len: int | None = Field(None, gt=0, description="Longest prompt + answer; null: the model's own limit.")

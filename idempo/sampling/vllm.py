@@ -3,7 +3,8 @@
 The engine holds the base weights for the whole trial; a generation's adapter directory (as PEFT saved
 it) is passed with each request, so moving to the next cycle costs an adapter load, not an engine
 restart. When the trainer shares the GPUs, `sleep()` offloads the engine's weights to CPU memory and
-drops its KV cache while a generation trains (`sleep(level=1)`); the next `generate` wakes it.
+drops its KV cache while a generation trains (`sleep(level=1)`); the next `generate` wakes it. With
+`sleep_while_training: auto` it sleeps only when training would not fit beside it (`TrainingMemory`).
 
 Prompts are rendered and tokenized by the model's own tokenizer, exactly as the trainer encodes them,
 and sent as token ids; answers are decoded the same way as by the `hf` sampler. (The branching factor's
@@ -31,12 +32,37 @@ def engine_lora_rank(rank: int) -> int:
     raise ConfigError([f"training.lora.rank: got {rank}; the vllm sampler serves ranks up to {VLLM_LORA_RANKS[-1]}"])
 
 
+# Free GPU memory kept beyond what the last training grew by, before the engine stays awake through the next:
+# the caching allocator's fragments, cuBLAS workspaces, a longer batch than the last one.
+HEADROOM_BYTES = 2 << 30
+
+
+class TrainingMemory:
+    """Whether the next training fits on the GPU beside the awake engine: the memory this process (policy and
+    trainer) reserved at its peak since the last look, less what it holds now, plus headroom, against the
+    device's free memory (which counts the engine and any trial sharing the GPU). Nothing is measured before
+    the first training, so that one always asks for the memory."""
+
+    def __init__(self):
+        self.measured = False
+
+    def short(self) -> bool:
+        import torch
+
+        need = torch.cuda.max_memory_reserved() - torch.cuda.memory_reserved() + HEADROOM_BYTES
+        free, _ = torch.cuda.mem_get_info()
+        torch.cuda.reset_peak_memory_stats()  # the next look measures the training that follows this one
+        short, self.measured = not self.measured or free < need, True
+        return short
+
+
 class VLLMSampler(PromptEncoding):
-    def __init__(self, llm, tokenizer, stop_ids: list[int], sleep_while_training: bool):
+    def __init__(self, llm, tokenizer, stop_ids: list[int], sleep_while_training: bool | str):
         self.llm = llm
         self.tokenizer = tokenizer
         self.stop_ids = stop_ids
-        self.sleep_while_training = sleep_while_training
+        self.sleep_while_training = sleep_while_training  # True, False or "auto"
+        self.memory = TrainingMemory()
         self.asleep = False
         self._adapter_ids: dict[str, int] = {}
         self.timings: dict[str, list[float]] = {"sleep": [], "wake": []}
@@ -78,7 +104,9 @@ class VLLMSampler(PromptEncoding):
     # -- engine memory ----------------------------------------------------------------------------
 
     def sleep(self) -> None:
-        if self.sleep_while_training and not self.asleep:
+        """Before a generation trains: free the engine's memory for it (always, never, or where it is short)."""
+        auto = self.sleep_while_training == "auto"
+        if self.sleep_while_training and not self.asleep and (not auto or self.memory.short()):
             started = time.perf_counter()
             self.llm.sleep(level=1)
             self.timings["sleep"].append(time.perf_counter() - started)
@@ -167,7 +195,7 @@ def start_engine(config: ExperimentConfig):
         enable_lora=True,
         max_lora_rank=engine_lora_rank(config.training.lora.rank),
         max_loras=2,  # M_{j-1} and, for `rejected: j-2`, M_{j-2}
-        enable_sleep_mode=engine.sleep_while_training,
+        enable_sleep_mode=engine.sleep_while_training is not False,
         gpu_memory_utilization=engine.gpu_memory_utilization,
         enforce_eager=engine.enforce_eager,
         max_model_len=engine.max_model_len,
