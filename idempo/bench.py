@@ -18,6 +18,10 @@ the others still run):
   phase breakdown (sample / train / eval / the rest) and GPU idle time;
 - loss_memory: peak memory of one training step (forward and backward, loss on every token) with the whole
   batch's logits and with the chunked loss (`training.logits_chunk`), each in a fresh process;
+- sweep: `sweep_trials` trials of the cycle's shape through `idempo sweep`'s own code, each asking for
+  `sweep_gpus` of a GPU, and each GPU's busy share over the sweep (the time at least one trial on it was
+  sampling, training or evaluating; `idempo.timeline`). Without CUDA it runs only when named, on a local Ray
+  with one fake GPU (Ray counts it; the trials compute on the CPU), which checks the placement, not a GPU;
 - peers: what a user would run instead, on the same model, data and settings: TRL's `SFTTrainer` against
   idempo's trainer (tokens/s), plain transformers `generate` against the `hf` sampler.
 
@@ -47,7 +51,7 @@ import torch
 from idempo.artifacts import write_text
 from idempo.layout import bench_records
 
-SECTIONS = ("sampling", "swap", "sleep", "training", "cycle", "loss_memory", "peers")
+SECTIONS = ("sampling", "swap", "sleep", "training", "cycle", "loss_memory", "sweep", "peers")
 VLLM_SECTIONS = ("swap", "sleep")  # they measure the vllm engine itself
 
 
@@ -81,6 +85,9 @@ class BenchSettings:
     cycle_sampled: int = _option(128, "its n_sampled")
     cycle_new_tokens: int = _option(256, "its answers' length, sampled and evaluated")
     cycle_eval_prompts: int = _option(12, "held-out questions each generation answers")
+    sweep_trials: int = _option(4, "trials of the sweep section (the cycle's shape, one seed each)")
+    sweep_gpus: float = _option(0.5, "share of a GPU each of its trials asks for")
+    sweep_cycles: int = _option(2, "cycles of each of its trials")
     gpu_memory_utilization: float = _option(0.45, "the vllm engine's share of GPU memory")
     enforce_eager: bool = _option(False, "vllm without CUDA graphs (faster start)")
     sections: tuple[str, ...] = _option(SECTIONS, f"sections to run, of {','.join(SECTIONS)}")
@@ -103,6 +110,9 @@ CPU_DEFAULTS = {
     "cycle_eval_prompts": 3,
     "memory_batch": 1,
     "memory_seq_len": 256,
+    "sections": tuple(section for section in SECTIONS if section != "sweep"),  # sweep: a GPU's figure
+    "sweep_trials": 2,
+    "sweep_cycles": 1,
 }
 
 
@@ -369,6 +379,14 @@ class Bench:
                 hf, vllm = table.get(f"hf/{name}/batch-{batch}"), table.get(f"vllm/{name}/batch-{batch}")
                 if hf and vllm:
                     table[f"speedup/{name}/batch-{batch}"] = round(vllm["tokens_per_s"] / hf["tokens_per_s"], 1)
+            for backend in self.settings.backends:  # a generation's rate as a share of M_init's
+                base, adapter = (
+                    table.get(f"{backend}/M_init/batch-{batch}"),
+                    table.get(f"{backend}/adapter/batch-{batch}"),
+                )
+                if base and adapter and "tokens_per_s" in base and "tokens_per_s" in adapter:
+                    ratio = round(adapter["tokens_per_s"] / base["tokens_per_s"], 3)
+                    table[f"{backend}/adapter_over_M_init/batch-{batch}"] = ratio
 
     def swap(self, result: dict) -> None:
         """First request with a generation the engine has not served vs the next request with it."""
@@ -487,7 +505,7 @@ class Bench:
         variant's allocations cannot hide under the other's peak."""
         import multiprocessing
 
-        settings, chunk = self.settings, self.config.training.logits_chunk or 1024
+        settings, chunk = self.settings, self.config.training.logits_chunk or 256
         shape = (self.config.to_dict(), settings.memory_batch, settings.memory_seq_len)
         for name, size in (("whole_logits", 0), (f"chunk-{chunk}", chunk)):
             with _variant(result, name), multiprocessing.get_context("spawn").Pool(1) as pool:
@@ -495,6 +513,47 @@ class Bench:
         whole, chunked = result["whole_logits"], result[f"chunk-{chunk}"]
         if "error" not in whole and "error" not in chunked:
             result["peak_ratio"] = round(chunked["peak_step_memory_gb"] / whole["peak_step_memory_gb"], 3)
+
+    def sweep(self, result: dict) -> None:
+        """Trials of the cycle's shape sharing GPUs through the sweep's own code; each GPU's busy share. A vllm
+        engine gets 0.6 of its trial's share of GPU memory (the rest is for training while it sleeps)."""
+        import shutil
+
+        import ray
+        import yaml
+
+        from idempo.status import gpu_busy_shares
+        from idempo.sweep import load_sweep
+        from idempo.tune import run_sweep
+
+        self._release_vllm()
+        settings, storage = self.settings, self.trial_dir.with_name(self.trial_dir.name + "-sweep")
+        shutil.rmtree(storage, ignore_errors=True)
+        config = self.cycle_config()
+        config["cycles"] = settings.sweep_cycles
+        config["sampling"]["vllm"]["gpu_memory_utilization"] = round(0.6 * min(1.0, settings.sweep_gpus), 3)
+        resources = {"cpus": 1, "gpus": settings.sweep_gpus}
+        run = {"storage_path": str(storage), "resources": resources, "wandb": {"mode": "disabled"}}
+        path = storage / "bench.yaml"
+        path.parent.mkdir(parents=True)
+        axes = {"seed": list(range(settings.sweep_trials))}
+        path.write_text(yaml.safe_dump({"name": "bench", "config": config, "axes": axes, "run": run}))
+        sweep = load_sweep(path)
+        fake_gpu = not torch.cuda.is_available()
+        result.update(trials=settings.sweep_trials, gpus_per_trial=settings.sweep_gpus, fake_gpu=fake_gpu)
+        if fake_gpu:  # a Ray of its own that counts one GPU; the trials compute on the CPU
+            ray.init(address="local", num_cpus=max(2, settings.sweep_trials), num_gpus=1, include_dashboard=False)
+        started = time.perf_counter()
+        try:
+            rows = run_sweep(sweep)
+        finally:
+            if fake_gpu:
+                ray.shutdown()
+        result["seconds"] = round(time.perf_counter() - started, 1)
+        result["complete"] = sum(row.get("cycles_done") == settings.sweep_cycles for row in rows)
+        shares = gpu_busy_shares(sweep.directory)  # by '<node id>:<GPU id>'
+        result["gpus"] = list(shares)
+        result["busy_share"] = {f"gpu-{n}": round(share, 3) for n, share in enumerate(shares.values())}
 
     def peers(self, result: dict) -> None:
         """idempo's trainer against TRL's SFTTrainer: the same model (this policy, fresh adapters), sequences,
@@ -510,6 +569,23 @@ class Bench:
             ratio = round(ours["tokens_per_s"] / theirs["tokens_per_s"], 2)
             result["training"] = {"idempo": ours, "trl_sft": theirs, "ratio": ratio}
 
+    def cycle_config(self) -> dict:
+        """One trial of the smoke experiment's shape on this model, with the configured sampler."""
+        settings = self.settings
+        return {
+            **self.config.to_dict(),
+            "n_seed": settings.cycle_seed,
+            "n_sampled": settings.cycle_sampled,
+            "cycles": 1,
+            "seeding": {"source": "builtin"},
+            "sampling": {
+                **self.config.sampling.model_dump(),
+                "backend": "vllm" if "vllm" in settings.backends else "hf",
+                "max_new_tokens": settings.cycle_new_tokens,
+            },
+            "evaluation": {"max_new_tokens": settings.cycle_new_tokens, "n_prompts": settings.cycle_eval_prompts},
+        }
+
     def cycle(self, result: dict) -> None:
         """Seed + one cycle of SFT on the model with the configured sampler, its phase breakdown."""
         import shutil
@@ -520,23 +596,8 @@ class Bench:
 
         shutil.rmtree(self.trial_dir, ignore_errors=True)
         self._release_vllm()
-        settings = self.settings
-        backend = result["backend"] = "vllm" if "vllm" in settings.backends else "hf"
-        config = config_from_dict(
-            {
-                **self.config.to_dict(),
-                "n_seed": settings.cycle_seed,
-                "n_sampled": settings.cycle_sampled,
-                "cycles": 1,
-                "seeding": {"source": "builtin"},
-                "sampling": {
-                    **self.config.sampling.model_dump(),
-                    "backend": backend,
-                    "max_new_tokens": settings.cycle_new_tokens,
-                },
-                "evaluation": {"max_new_tokens": settings.cycle_new_tokens, "n_prompts": settings.cycle_eval_prompts},
-            }
-        )
+        config = config_from_dict(self.cycle_config())
+        result["backend"] = config.sampling.backend
         result["cycles"] = {}  # each stage's times as it finishes, kept when a later one fails
         for metrics in Trial(config, self.trial_dir, Reporter(enabled=False)).stages():
             result["cycles"][str(metrics.cycle)] = metrics.timing_s
@@ -682,6 +743,18 @@ def _train_row(stats: dict, settings: BenchSettings) -> dict:
     }
 
 
+# Dense bf16 tensor-core FLOP/s of the GPUs the share of peak is given for (vendors' data sheets, SXM parts)
+BF16_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12}
+
+
+def bf16_peak_flops() -> float | None:
+    """This GPU's dense bf16 peak, where its name is in BF16_PEAK_FLOPS (None: no CUDA, or a GPU not listed)."""
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((flops for gpu, flops in BF16_PEAK_FLOPS.items() if gpu in name), None)
+
+
 def machine() -> dict:
     import platform
     from importlib.metadata import PackageNotFoundError, version
@@ -736,8 +809,11 @@ HEADLINES = (
     "freed_gb",
     "total",
     "gpu_idle",
+    "busy_share",
     "peak_step_memory_gb",
     "peak_ratio",
+    "share_of_bf16_peak",
+    "adapter_over_M_init",
     "ratio",
     "zero_over_plain",
     "error",

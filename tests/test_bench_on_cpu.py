@@ -38,7 +38,7 @@ def test_bench_with_no_flags_measures_both_cpu_models_and_names_what_it_skipped(
         assert measured["sampling"]["hf/adapter/batch-8"]["tokens_per_s"] > 0
         assert measured["training"]["plain"]["tokens_per_s"] > 0
         assert measured["cycle"]["cycles"]["1"]["sample"] > 0 and measured["cycle"]["cycles"]["1"]["train"] > 0
-        whole, chunked = measured["loss_memory"]["whole_logits"], measured["loss_memory"]["chunk-1024"]
+        whole, chunked = measured["loss_memory"]["whole_logits"], measured["loss_memory"]["chunk-256"]
         assert whole["tokens"] == chunked["tokens"] == 256 and chunked["loss"] == pytest.approx(whole["loss"], rel=1e-5)
         assert whole["peak_step_memory_gb"] > 0 and chunked["peak_step_memory_gb"] > 0
         peers = measured["peers"]["training"]
@@ -86,3 +86,14 @@ def test_a_failed_zero_run_keeps_the_plain_training_figure(tmp_path, monkeypatch
     assert training["plain"]["steps"] == 2 and training["plain"]["tokens_per_s"] > 0
     assert "no CUDA GPU is visible" in training["zero-3"]["error"]
     assert "error" not in training and results["skipped"] == {}
+
+
+def test_bench_runs_trials_sharing_a_fake_gpu_and_reads_the_gpu_busy_share(tmp_path):
+    """Named on a machine without CUDA, the sweep section runs its trials through the sweep's own code on a
+    local Ray that counts one GPU, two trials at half of it, and lays their phase timelines over each other."""
+    out = tmp_path / "bench.json"
+    args = ["--model", "tiny", "--backends", "hf", "--cycle-new-tokens", "8", "--sections", "sweep"]
+    assert main(["bench", *args, "--sweep-trials", "2", "--sweep-cycles", "1", "--out", str(out)]) == 0
+    sweep = json.loads(out.read_text())["models"]["tiny"]["sweep"]
+    assert sweep["fake_gpu"] and sweep["complete"] == 2 and sweep["gpus_per_trial"] == 0.5
+    assert len(sweep["gpus"]) == 1 and 0 < sweep["busy_share"]["gpu-0"] <= 1

@@ -80,6 +80,19 @@ def test_chunked_log_probs_equal_the_whole_logits_and_hold_a_chunk_of_vocabulary
     assert max(vocabulary_rows(plain_shapes, head)) >= batch[0].numel() - 2
 
 
+def test_a_trained_output_layer_gets_the_same_gradients_chunked(trained_policy):
+    """Full finetuning trains the output layer too: its chunks are recomputed in the backward pass."""
+    _, batch = trained_policy
+    loading = LoadingConfig(device="cpu")
+    tokenizer = load_tokenizer("tiny", loading)
+    policy = make_policy(load_base_model("tiny", loading), tokenizer, TrainingConfig(finetune="full"))
+    assert policy.module.get_output_embeddings().weight.requires_grad
+    plain, plain_gradient, _ = values_and_gradients(policy, batch, 0)
+    chunked, gradient, _ = values_and_gradients(policy, batch, 5)
+    assert torch.allclose(chunked, plain, atol=1e-5, rtol=0)
+    assert (gradient - plain_gradient).abs().max() <= 1e-5 * plain_gradient.abs().max()
+
+
 def test_the_sft_loss_is_the_summed_cross_entropy_either_way(trained_policy):
     policy, batch = trained_policy
     plain = values_and_gradients(policy, batch, 0, label_nll_sum)

@@ -188,7 +188,7 @@ def test_a_trial_made_before_a_setting_that_computes_otherwise_resumes_only_with
     stored = yaml.safe_load((out / "config.yaml").read_text())
     del stored["training"]["logits_chunk"], stored["loading"]["threads"]
     (out / "config.yaml").write_text(yaml.safe_dump(stored))
-    with pytest.raises(TrialConflict, match="training.logits_chunk: 0 -> 1024"):
+    with pytest.raises(TrialConflict, match="training.logits_chunk: 0 -> 256"):
         run_trial(tiny_config(cycles=2), out)
     run_trial(tiny_config(cycles=2, training__logits_chunk=0), out)
     assert TrialLayout(out).is_complete(2)

@@ -133,7 +133,7 @@ class TrainingConfig(Section):
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass.")
     logits_chunk: int = Field(
-        1024,
+        256,
         ge=0,
         description="Labelled tokens whose fp32 logits are computed at once (recomputed in the backward pass), so "
         "no full-vocabulary tensor of the whole batch is kept; 0: the whole batch's logits at once (the loss is "
