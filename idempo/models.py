@@ -139,6 +139,19 @@ class Policy(ABC):
     def use(self, generation: Generation) -> Iterator[nn.Module]:
         """A module that computes as `generation` does, for sampling and evaluation."""
 
+    @contextmanager
+    def merged(self, generation: Generation) -> Iterator[nn.Module]:
+        """`use`, with the generation's weights as plain weights for the block (sampling at base-model speed);
+        M_init is bit-identical afterwards. Full copies are plain weights already."""
+        with self.use(generation) as module:
+            yield module
+
+    def named_weights(self, generation: Generation) -> Iterator[tuple[str, torch.Tensor]]:
+        """The generation's weights under M_init's parameter names, one tensor at a time: what an engine that
+        holds M_init loads to sample it."""
+        with self.use(generation) as module:
+            yield from ((name, p.detach()) for name, p in module.named_parameters())
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.module.parameters() if p.requires_grad]
 
@@ -215,6 +228,53 @@ class LoraPolicy(Policy):
         if self.loaded != generation:
             self.load(generation)
         yield self.module
+
+    @contextmanager
+    def merged(self, generation: Generation) -> Iterator[nn.Module]:
+        """Each adapted layer's base weight swapped for a merged copy (W + B @ A * scaling) with the adapter off,
+        and the original tensors swapped back afterwards: never unmerged by subtraction, which drifts in bf16."""
+        if generation.path is None:
+            with self.use(generation) as module:
+                yield module
+            return
+        if self.loaded != generation:
+            self.load(generation)
+        layers = self._adapted_layers()
+        originals = [layer.get_base_layer().weight for layer in layers]
+        try:
+            for layer in layers:
+                layer.get_base_layer().weight = nn.Parameter(_merged_weight(layer), requires_grad=False)
+            with self.module.disable_adapter():
+                yield self.module
+        finally:
+            for layer, weight in zip(layers, originals, strict=True):
+                layer.get_base_layer().weight = weight
+
+    @torch.no_grad()
+    def named_weights(self, generation: Generation) -> Iterator[tuple[str, torch.Tensor]]:
+        """M_init's parameters by their own names (PEFT's prefixes and adapter tensors left out, as TRL's weight
+        sync does), each adapted layer's weight merged as it is reached: one extra layer in memory at a time."""
+        if generation.path is not None and self.loaded != generation:
+            self.load(generation)
+        adapted = {id(layer.get_base_layer().weight): layer for layer in self._adapted_layers()}
+        for name, parameter in self.module.named_parameters():
+            if self.module.prefix in name:  # lora_A, lora_B
+                continue
+            layer = adapted.get(id(parameter)) if generation.path is not None else None
+            name = name.removeprefix("base_model.model.").replace(".base_layer", "")
+            yield name, parameter.detach() if layer is None else _merged_weight(layer)
+
+    def _adapted_layers(self) -> list:
+        from peft.tuners.lora import LoraLayer
+
+        return [layer for layer in self.module.modules() if isinstance(layer, LoraLayer) and "default" in layer.lora_A]
+
+
+@torch.no_grad()
+def _merged_weight(layer) -> torch.Tensor:
+    """A LoRA layer's base weight with its 'default' adapter folded in, as PEFT's merge computes it."""
+    weight = layer.get_base_layer().weight
+    return weight + layer.get_delta_weight("default").to(weight.dtype)
 
 
 class FullPolicy(Policy):
