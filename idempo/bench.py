@@ -556,9 +556,15 @@ class Bench:
         result["busy_share"] = {f"gpu-{n}": round(share, 3) for n, share in enumerate(shares.values())}
 
     def peers(self, result: dict) -> None:
-        """idempo's trainer against TRL's SFTTrainer: the same model (this policy, fresh adapters), sequences,
-        batch, steps, optimizer settings and activation checkpointing; ratio = idempo / TRL."""
+        """idempo against what a user would run instead, ratio = idempo / peer. Training: TRL's SFTTrainer on the
+        same model (this policy, fresh adapters), sequences, batch, steps, optimizer settings and activation
+        checkpointing. Sampling: a generation through the `hf` sampler, from its merged weights and as an
+        adapter, against plain transformers `generate` on M_init loaded on its own; the same prompts, seed
+        and batch, the ways taking turns (idempo.sampling.throughput)."""
+        from idempo.models import load_base_model
         from idempo.progress import Reporter
+        from idempo.sampling import SamplingParams
+        from idempo.sampling.throughput import hf_sampling_rates
         from idempo.training.local import LocalTrainer
 
         examples, config = self.token_sequences(), self.training_config()
@@ -568,39 +574,20 @@ class Bench:
             theirs = trl_sft_rate(self.policy, self.tokenizer, config.training, examples, self.adapters / "trl")
             ratio = round(ours["tokens_per_s"] / theirs["tokens_per_s"], 2)
             result["training"] = {"idempo": ours, "trl_sft": theirs, "ratio": ratio}
-
-    def cycle_config(self) -> dict:
-        """One trial of the smoke experiment's shape on this model, with the configured sampler."""
-        settings = self.settings
-        return {
-            **self.config.to_dict(),
-            "n_seed": settings.cycle_seed,
-            "n_sampled": settings.cycle_sampled,
-            "cycles": 1,
-            "seeding": {"source": "builtin"},
-            "sampling": {
-                **self.config.sampling.model_dump(),
-                "backend": "vllm" if "vllm" in settings.backends else "hf",
-                "max_new_tokens": settings.cycle_new_tokens,
-            },
-            "evaluation": {"max_new_tokens": settings.cycle_new_tokens, "n_prompts": settings.cycle_eval_prompts},
-        }
-
-    def cycle(self, result: dict) -> None:
-        """Seed + one cycle of SFT on the model with the configured sampler, its phase breakdown."""
-        import shutil
-
-        from idempo.config import config_from_dict
-        from idempo.loop import Trial
-        from idempo.progress import Reporter
-
-        shutil.rmtree(self.trial_dir, ignore_errors=True)
-        self._release_vllm()
-        config = config_from_dict(self.cycle_config())
-        result["backend"] = config.sampling.backend
-        result["cycles"] = {}  # each stage's times as it finishes, kept when a later one fails
-        for metrics in Trial(config, self.trial_dir, Reporter(enabled=False)).stages():
-            result["cycles"][str(metrics.cycle)] = metrics.timing_s
+        with _variant(result, "sampling"):
+            batch, plain = max(self.settings.batch_sizes), load_base_model(self.config.model, self.config.loading)
+            params = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=self.settings.new_tokens, seed=1)
+            generation = self.adapter(1)
+            rates = hf_sampling_rates(
+                self.policy, plain, self.tokenizer, generation, self.prompts(batch), params, batch
+            )
+            del plain
+            result["sampling"] = {
+                "batch": batch,
+                **{f"{way}_tokens_per_s": round(rate, 1) for way, rate in rates.items()},
+                "ratio": round(rates["merged"] / rates["plain_generate"], 2),
+                "adapter_ratio": round(rates["adapter"] / rates["plain_generate"], 2),
+            }
 
     def _release_vllm(self) -> None:
         """The cycle's trial starts an engine of its own; free this one first."""

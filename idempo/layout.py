@@ -55,7 +55,7 @@ RESUMABLE_CHANGES = {"cycles", "evaluation.amplification"}
 
 # Fields whose default computes otherwise (up to rounding) than idempo did before the field existed, with the
 # value a trial made before then ran with: a stored config without the field resumes only with that value.
-VALUES_BEFORE_FIELD = {"training.logits_chunk": 0}
+VALUES_BEFORE_FIELD = {"training.logits_chunk": 0, "sampling.weights": "adapter"}
 CACHE_LOCATIONS = {"cache_dir"}
 ENDPOINT_SECTIONS = endpoint_sections()
 

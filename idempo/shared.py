@@ -58,7 +58,8 @@ def stage_inputs(config: ExperimentConfig, cycle: int) -> dict[str, Any]:
     inputs = {k: v for k, v in data.items() if k not in ("cycles", "seed", "n_sampled", "init", "rejected")}
     inputs.update(regime=regime, evaluation=evaluation)
     inputs.pop("cycle_data")
-    inputs["sampling"] = {k: v for k, v in data["sampling"].items() if k != "temperature"}  # cycles' only
+    # the cycles' only: their temperature, and how a generation's weights are sampled (the seed stage samples M_init)
+    inputs["sampling"] = {k: v for k, v in data["sampling"].items() if k not in ("temperature", "weights")}
     reads = REGIMES.info(regime).get("seed_reads", {})  # what beyond the training settings its loss reads
     if "beta" not in reads:
         inputs.pop("beta")

@@ -16,6 +16,7 @@ from idempo.cost import estimate
 from idempo.layout import bench_records
 from idempo.sweep import load_sweep
 
+WAYS = ("merged", "adapter", "plain_generate")  # of sampling a generation, against plain `generate`
 SMALL = ["--model", "tiny", "--backends", "hf", "--batch-sizes", "2", "--new-tokens", "4"]
 SMALL += ["--train-seq-len", "16", "--train-steps", "2", "--train-batch", "2"]
 
@@ -44,6 +45,10 @@ def test_bench_with_no_flags_measures_both_cpu_models_and_names_what_it_skipped(
         peers = measured["peers"]["training"]
         assert peers["idempo"]["tokens"] == peers["trl_sft"]["tokens"] == 8 * 3 * 64 and peers["trl_sft"]["steps"] == 3
         assert peers["ratio"] == round(peers["idempo"]["tokens_per_s"] / peers["trl_sft"]["tokens_per_s"], 2)
+        sampling = measured["peers"]["sampling"]
+        assert sampling["batch"] == 8 and min(sampling[f"{way}_tokens_per_s"] for way in WAYS) > 0
+        merged_over_plain = sampling["merged_tokens_per_s"] / sampling["plain_generate_tokens_per_s"]
+        assert sampling["ratio"] == pytest.approx(merged_over_plain, abs=0.011)
         assert '"error"' not in json.dumps(measured)
     skipped = results["skipped"]
     assert set(skipped) == {"sampling.vllm", "swap", "sleep", "training.zero-3"}

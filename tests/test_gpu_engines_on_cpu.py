@@ -62,6 +62,21 @@ def test_engines_that_cannot_serve_the_generations_are_refused_at_load_time():
         tiny_config(training__deepspeed={"stage": 1})
 
 
+def test_merged_vllm_sampling_is_refused_for_an_engine_across_gpus():
+    def problems(weights: str) -> str:
+        config = tiny_config(
+            sampling__backend="vllm", sampling__weights=weights, sampling__vllm={"tensor_parallel_size": 2}
+        )
+        try:
+            VLLMSampler.check(config)
+        except ConfigError as err:
+            return str(err)
+        return ""
+
+    assert "use sampling.weights 'adapter' with sampling.vllm.tensor_parallel_size > 1" in problems("merged")
+    assert "sampling.weights" not in problems("adapter")
+
+
 def test_the_hf_engine_runs_anywhere():
     check_engines(tiny_config())
 

@@ -68,6 +68,12 @@ class SamplingConfig(Section, Decodes):
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus: the smallest set of tokens with this much mass.")
     max_new_tokens: int = Field(1024, gt=0, description="Longest answer in tokens (authors: 1024).")
     batch_size: int = Field(32, gt=0, description="Prompts per generate call (hf backend).")
+    weights: Literal["merged", "adapter"] = Field(
+        "merged",
+        description="How a LoRA generation is sampled. merged: its adapter folded into M_init's weights for the "
+        "call (base-model speed); adapter: the adapter computed beside them, per request (figures made before "
+        "this setting). Draws are the same generation's, equal up to floating-point rounding.",
+    )
     vllm: VLLMConfig = Field(VLLMConfig(), description="The vllm engine (sampling.backend: vllm).")
 
     @field_validator("backend")

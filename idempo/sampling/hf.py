@@ -1,7 +1,9 @@
 """The `hf` sampler: batched transformers `generate` on the trial's own policy module.
 
 It shares the policy with the trainer, so sampling generation j-1 right after training it costs no
-load at all; other generations are swapped in as adapter weights. Prompts are left-padded and sorted
+load at all; other generations are swapped in as adapter weights. With `sampling.weights: merged` a LoRA
+generation is sampled from M_init's weights with its adapter folded in for the call (a plain model's
+speed); `adapter` computes the adapter beside them. Prompts are left-padded and sorted
 by length within the call so that batches carry little padding.
 """
 
@@ -21,10 +23,11 @@ if TYPE_CHECKING:
 
 
 class HFSampler(PromptEncoding):
-    def __init__(self, policy: Policy, tokenizer, batch_size: int):
+    def __init__(self, policy: Policy, tokenizer, batch_size: int, weights: str = "merged"):
         self.policy = policy
         self.tokenizer = tokenizer
         self.batch_size = batch_size
+        self.weights = weights
 
     @classmethod
     def check(cls, config: ExperimentConfig) -> None:
@@ -32,7 +35,7 @@ class HFSampler(PromptEncoding):
 
     @classmethod
     def from_config(cls, config: ExperimentConfig, tokenizer, policy: Policy) -> HFSampler:
-        return cls(policy, tokenizer, config.sampling.batch_size)
+        return cls(policy, tokenizer, config.sampling.batch_size, config.sampling.weights)
 
     def sleep(self) -> None:
         """The policy's weights are the trainer's own: nothing to give back."""
@@ -44,7 +47,8 @@ class HFSampler(PromptEncoding):
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
         results: list[Completion | None] = [None] * len(encoded)
         torch.manual_seed(params.seed)
-        with self.policy.use(generation) as model, torch.inference_mode():
+        use = self.policy.merged if self.weights == "merged" else self.policy.use
+        with use(generation) as model, torch.inference_mode():
             for start in range(0, len(order), self.batch_size):
                 batch = order[start : start + self.batch_size]
                 for index, completion in zip(

@@ -1,9 +1,15 @@
-"""The `vllm` sampler: one vLLM engine per trial, M_init loaded once, each generation a LoRA request.
+"""The `vllm` sampler: one vLLM engine per trial, M_init loaded once, each generation its merged weights
+or a LoRA request.
 
-The engine holds the base weights for the whole trial; a generation's adapter directory (as PEFT saved
-it) is passed with each request, so moving to the next cycle costs an adapter load, not an engine
-restart. When the trainer shares the GPUs, `sleep()` offloads the engine's weights to CPU memory and
-drops its KV cache while a generation trains (`sleep(level=1)`); the next `generate` wakes it. With
+The engine holds the base weights for the whole trial. With `sampling.weights: merged` (the default) a
+generation's weights, its adapter folded into M_init's layer by layer from the trial's policy, are loaded
+into the running engine before it is sampled and M_init's are loaded back before M_init is; this is the
+weight sync of TRL's colocate mode (the engine in the trial's process, `model.load_weights` on its worker),
+and the engine then decodes at base-model speed with LoRA off. With `adapter` a generation's adapter
+directory (as PEFT saved it) is passed with each request, so several generations can share one batch;
+moving to the next cycle costs an adapter load, not an engine restart. When the trainer shares the GPUs,
+`sleep()` offloads the engine's weights (merged ones included) to CPU memory and drops its KV cache while
+a generation trains (`sleep(level=1)`); the next `generate` wakes it. With
 `sleep_while_training: auto` it sleeps only when training would not fit beside it (`TrainingMemory`).
 
 Prompts are rendered and tokenized by the model's own tokenizer, exactly as the trainer encodes them,
@@ -14,11 +20,12 @@ reads them from the trial's policy module.)"""
 from __future__ import annotations
 
 import importlib.util
+import os
 import time
 
 from idempo.chat import stop_token_ids
 from idempo.config import ConfigError, ExperimentConfig, SamplingParams
-from idempo.models import Generation, Policy, model_path, resolve_device, resolve_dtype
+from idempo.models import INITIAL, Generation, Policy, model_path, resolve_device, resolve_dtype
 from idempo.sampling.base import Completion, PromptEncoding
 
 # vLLM serves LoRA adapters up to these ranks; an adapter's rank is rounded up to the next one.
@@ -57,12 +64,16 @@ class TrainingMemory:
 
 
 class VLLMSampler(PromptEncoding):
-    def __init__(self, llm, tokenizer, stop_ids: list[int], sleep_while_training: bool | str):
+    def __init__(
+        self, llm, tokenizer, stop_ids: list[int], sleep_while_training: bool | str, policy: Policy | None = None
+    ):
         self.llm = llm
         self.tokenizer = tokenizer
         self.stop_ids = stop_ids
         self.sleep_while_training = sleep_while_training  # True, False or "auto"
         self.memory = TrainingMemory()
+        self.policy = policy  # None: generations are LoRA requests; else merged weights are read from it
+        self.serving = INITIAL  # whose weights the engine holds
         self.asleep = False
         self._adapter_ids: dict[str, int] = {}
         self.timings: dict[str, list[float]] = {"sleep": [], "wake": []}
@@ -88,17 +99,24 @@ class VLLMSampler(PromptEncoding):
                 f"loading.device: got {config.loading.device!r}; the vllm sampler runs on a GPU, so M_init must "
                 "load on one too ('auto' or 'cuda')"
             )
+        if config.sampling.weights == "merged" and config.sampling.vllm.tensor_parallel_size > 1:
+            problems.append(
+                "sampling.weights: 'merged' loads a generation's weights into an engine in the trial's process, "
+                "which spans one GPU; use sampling.weights 'adapter' with sampling.vllm.tensor_parallel_size > 1"
+            )
         if problems:
             raise ConfigError(problems)
 
     @classmethod
     def from_config(cls, config: ExperimentConfig, tokenizer, policy: Policy | None = None) -> VLLMSampler:
-        """The engine holds its own copy of M_init; `policy` is not read."""
+        """The engine holds its own copy of M_init; `policy` (in this process) gives it merged generations."""
+        merged = config.sampling.weights == "merged"
         return cls(
             start_engine(config),
             tokenizer,
             stop_token_ids(tokenizer, _generation_config(config)),
             config.sampling.vllm.sleep_while_training,
+            policy if merged else None,
         )
 
     # -- engine memory ----------------------------------------------------------------------------
@@ -121,6 +139,18 @@ class VLLMSampler(PromptEncoding):
 
     # -- sampling ---------------------------------------------------------------------------------
 
+    def serve(self, generation: Generation) -> None:
+        """Load `generation`'s weights (M_init's for INITIAL) into the awake engine, as TRL's colocate sync does:
+        the worker's model maps each named tensor onto its own (fused, sharded) parameters and copies it in.
+        The prefix cache is dropped, since its KV blocks were computed by the weights before."""
+        if self.serving == generation:
+            return
+        self.llm.llm_engine.model_executor.driver_worker.model_runner.model.load_weights(
+            self.policy.named_weights(generation)
+        )
+        self.llm.reset_prefix_cache()
+        self.serving = generation
+
     def lora_request(self, generation: Generation):
         """The adapter of `generation` as a request (None for M_init); ids are stable per adapter dir."""
         if generation.path is None:
@@ -140,6 +170,8 @@ class VLLMSampler(PromptEncoding):
         from vllm.inputs import TokensPrompt
 
         self.wake()
+        if self.policy is not None:
+            self.serve(generation)
         requests = [
             EngineParams(
                 n=1,
@@ -158,7 +190,7 @@ class VLLMSampler(PromptEncoding):
         outputs = self.llm.generate(
             [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids],
             requests,
-            lora_request=self.lora_request(generation),
+            lora_request=None if self.policy is not None else self.lora_request(generation),
             use_tqdm=False,
         )
         if progress is not None:
@@ -183,6 +215,11 @@ def start_engine(config: ExperimentConfig):
     from vllm import LLM
 
     engine = config.sampling.vllm
+    if config.sampling.weights == "merged":  # in this process, so that its worker's model loads the policy's tensors
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        lora = {"enable_lora": False}
+    else:  # max_loras: M_{j-1} and, for `rejected: j-2`, M_{j-2}
+        lora = {"enable_lora": True, "max_lora_rank": engine_lora_rank(config.training.lora.rank), "max_loras": 2}
     device = resolve_device(config.loading.device)
     dtype = str(resolve_dtype(config.loading.dtype, device)).removeprefix("torch.")
     return LLM(
@@ -192,9 +229,7 @@ def start_engine(config: ExperimentConfig):
         skip_tokenizer_init=True,  # prompts arrive as token ids of the model's own tokenizer
         dtype=dtype,
         seed=config.seed,
-        enable_lora=True,
-        max_lora_rank=engine_lora_rank(config.training.lora.rank),
-        max_loras=2,  # M_{j-1} and, for `rejected: j-2`, M_{j-2}
+        **lora,
         enable_sleep_mode=engine.sleep_while_training is not False,
         gpu_memory_utilization=engine.gpu_memory_utilization,
         enforce_eager=engine.enforce_eager,
