@@ -500,6 +500,39 @@ class Bench:
             if "plain" in result and "tokens_per_s" in result.get(name, {}):
                 result["zero_over_plain"] = round(result[name]["tokens_per_s"] / result["plain"]["tokens_per_s"], 3)
 
+    def cycle_config(self) -> dict:
+        """One trial of the smoke experiment's shape on this model, with the configured sampler."""
+        settings = self.settings
+        return {
+            **self.config.to_dict(),
+            "n_seed": settings.cycle_seed,
+            "n_sampled": settings.cycle_sampled,
+            "cycles": 1,
+            "seeding": {"source": "builtin"},
+            "sampling": {
+                **self.config.sampling.model_dump(),
+                "backend": "vllm" if "vllm" in settings.backends else "hf",
+                "max_new_tokens": settings.cycle_new_tokens,
+            },
+            "evaluation": {"max_new_tokens": settings.cycle_new_tokens, "n_prompts": settings.cycle_eval_prompts},
+        }
+
+    def cycle(self, result: dict) -> None:
+        """Seed + one cycle of SFT on the model with the configured sampler, its phase breakdown."""
+        import shutil
+
+        from idempo.config import config_from_dict
+        from idempo.loop import Trial
+        from idempo.progress import Reporter
+
+        shutil.rmtree(self.trial_dir, ignore_errors=True)
+        self._release_vllm()
+        config = config_from_dict(self.cycle_config())
+        result["backend"] = config.sampling.backend
+        result["cycles"] = {}  # each stage's times as it finishes, kept when a later one fails
+        for metrics in Trial(config, self.trial_dir, Reporter(enabled=False)).stages():
+            result["cycles"][str(metrics.cycle)] = metrics.timing_s
+
     def loss_memory(self, result: dict) -> None:
         """The whole batch's logits against the chunked loss, each step in a process of its own so that one
         variant's allocations cannot hide under the other's peak."""
