@@ -538,7 +538,9 @@ class Bench:
         variant's allocations cannot hide under the other's peak."""
         import multiprocessing
 
-        settings, chunk = self.settings, self.config.training.logits_chunk or 256
+        from idempo.training.logprobs import DEFAULT_CHUNK
+
+        settings, chunk = self.settings, self.config.training.logits_chunk or DEFAULT_CHUNK
         shape = (self.config.to_dict(), settings.memory_batch, settings.memory_seq_len)
         for name, size in (("whole_logits", 0), (f"chunk-{chunk}", chunk)):
             with _variant(result, name), multiprocessing.get_context("spawn").Pool(1) as pool:

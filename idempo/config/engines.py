@@ -141,9 +141,9 @@ class TrainingConfig(Section):
     logits_chunk: int = Field(
         256,
         ge=0,
-        description="Labelled tokens whose fp32 logits are computed at once (recomputed in the backward pass), so "
-        "no full-vocabulary tensor of the whole batch is kept; 0: the whole batch's logits at once (the loss is "
-        "the same up to rounding; 0 reproduces figures made before this setting).",
+        description="Labelled tokens whose fp32 logits are computed at once, so no full-vocabulary tensor of the "
+        "whole batch is kept; 0: the whole batch's logits at once (the loss is the same up to rounding; 0 "
+        "reproduces figures made before this setting).",
     )
     deepspeed: DeepSpeedConfig | None = Field(
         None, description="Train each generation under DeepSpeed ZeRO (GPUs only); null: plain PyTorch."

@@ -42,7 +42,7 @@ def label_logps(model, input_ids: torch.Tensor, attention: torch.Tensor, labels:
     targets = labels[:, 1:]
     keep = targets != IGNORE
     if chunk <= 0 or not chunked_path(model):
-        logits = model(input_ids=input_ids, attention_mask=attention, use_cache=False).logits[:, :-1].float()
+        logits = _whole_logits(model, input_ids, attention)
         picked = torch.log_softmax(logits, dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         return picked * keep
     decoder, head = model.get_decoder(), model.get_output_embeddings()
@@ -64,10 +64,15 @@ def label_nll_sum(model, input_ids: torch.Tensor, attention: torch.Tensor, label
     """Summed next-token cross-entropy over the labelled positions (the SFT loss before its normalisation)."""
     if chunk > 0 and chunked_path(model):
         return -label_logps(model, input_ids, attention, labels, chunk).sum()
-    logits = model(input_ids=input_ids, attention_mask=attention, use_cache=False).logits[:, :-1].float()
+    logits = _whole_logits(model, input_ids, attention)
     return F.cross_entropy(
         logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1), ignore_index=IGNORE, reduction="sum"
     )
+
+
+def _whole_logits(model, input_ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+    """The fp32 logits of every position that predicts a next token: the path before chunking."""
+    return model(input_ids=input_ids, attention_mask=attention, use_cache=False).logits[:, :-1].float()
 
 
 def _chunk_logps(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
