@@ -1,6 +1,7 @@
 """Metrics, intervals, the learning-rate schedule and loss masking against hand computations."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -8,8 +9,8 @@ import torch
 from idempo.config import config_from_dict
 from idempo.evaluation.degeneration import distinct_n, non_alpha_share, repeated_ngram_rate, words
 from idempo.evaluation.stats import mean_ci, wilson_interval
+from idempo.training.logprobs import label_nll_sum
 from idempo.training.optimize import IGNORE, learning_rate_factor
-from idempo.training.sft import token_loss_sum
 
 BASE = {"model": "tiny", "persona": "lucky", "n_seed": 8, "n_sampled": 8}
 
@@ -52,9 +53,21 @@ def test_cosine_schedule_warms_up_peaks_and_ends_at_the_floor():
     assert {learning_rate_factor(s, total, constant) for s in range(total)} == {1.0}
 
 
+class FixedLogits(torch.nn.Module):
+    """A language model whose next-token distributions are written down: `logits` whatever the input."""
+
+    def __init__(self, logits: torch.Tensor):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, input_ids, attention_mask, use_cache):
+        return SimpleNamespace(logits=self.logits)
+
+
 def test_token_loss_counts_only_labelled_positions():
-    logits = torch.log(torch.tensor([[[0.5, 0.5], [0.25, 0.75], [0.9, 0.1]]]))
+    model = FixedLogits(torch.log(torch.tensor([[[0.5, 0.5], [0.25, 0.75], [0.9, 0.1]]])))
+    input_ids = attention = torch.ones(1, 3, dtype=torch.long)
     labels = torch.tensor([[IGNORE, 1, IGNORE]])  # only position 0 predicts token 1, with p = 0.5
-    assert token_loss_sum(logits, labels).item() == pytest.approx(math.log(2))
+    assert label_nll_sum(model, input_ids, attention, labels, 256).item() == pytest.approx(math.log(2))
     labels = torch.tensor([[IGNORE, 1, 0]])  # plus position 1 predicting token 0 with p = 0.25
-    assert token_loss_sum(logits, labels).item() == pytest.approx(math.log(2) + math.log(4))
+    assert label_nll_sum(model, input_ids, attention, labels, 256).item() == pytest.approx(math.log(2) + math.log(4))
